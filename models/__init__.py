@@ -1,0 +1,5 @@
+"""Model registrations and helpers; importing this package registers ``astroformer_*`` in timm."""
+from . import astroformer
+from .summary import PretrainedUnavailableError, create_model, describe_model, format_table
+
+__all__ = ['PretrainedUnavailableError', 'astroformer', 'create_model', 'describe_model', 'format_table']

@@ -1,0 +1,54 @@
+"""Stage ``calibrate``: fit a softmax temperature on the validation split.
+
+The temperature is fitted on the same scores ``evaluate`` produces (same TTA setting), and the output
+names the checkpoint's model id, so ``evaluate`` can refuse a calibration made for another model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pipeline import metrics as M
+from pipeline.config import Config
+from pipeline.io import atomic_write_json
+
+SPLIT = "val"
+
+
+def calibrate(cfg: Config, shards_dir: Path, checkpoint: Path, out_path: Path, *, progress: bool = True) -> dict[str, Any]:
+    """Write ``out_path`` (JSON: temperature, ECE and NLL before/after on ``val``) and return it."""
+    from pipeline.checkpoint import model_id
+    from pipeline.evaluate import load_and_predict
+
+    result: dict[str, Any] = {
+        "enabled": cfg.calibrate.enabled,
+        "split": SPLIT,
+        "model_id": model_id(checkpoint),
+        "tta": cfg.evaluate.tta,
+        "bins": cfg.calibrate.bins,
+    }
+    if not cfg.calibrate.enabled:
+        result.update(
+            temperature=1.0,
+            note="calibrate.enabled is false: temperature fixed at 1.0 (no fit, no validation pass)",
+            num_samples=0,
+            ece_before=None,
+            ece_after=None,
+            nll_before=None,
+            nll_after=None,
+        )
+    else:
+        preds, _, _ = load_and_predict(cfg, shards_dir, checkpoint, SPLIT, progress=progress)
+        t = M.fit_temperature(preds.logits, preds.labels, cfg.calibrate.max_iter)
+        bins = cfg.calibrate.bins
+        result.update(
+            temperature=t,
+            num_samples=int(len(preds.labels)),
+            ece_before=M.expected_calibration_error(M.softmax(preds.logits), preds.labels, bins),
+            ece_after=M.expected_calibration_error(M.softmax(preds.logits, t), preds.labels, bins),
+            nll_before=M.nll(preds.logits, preds.labels),
+            nll_after=M.nll(preds.logits, preds.labels, t),
+        )
+    atomic_write_json(out_path, result)
+    return result

@@ -1,0 +1,90 @@
+"""Checkpoints: atomic to write, safe to load (``weights_only=True``), clear about what is wrong.
+
+A checkpoint is a plain dict of tensors and JSON-like values (see ``docs/design.md``):
+``format``, ``model`` (state dict), ``config`` (the full config as a dict), ``class_names``,
+``model_name``, ``img_size``, ``epoch``, ``metrics``; training checkpoints add the resume state
+(``optimizer``, ``scheduler``, ``scaler``, ``ema``, ``rng``, ...).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline.config import Config, config_from_dict, stable_hash
+from pipeline.errors import CheckpointError
+from pipeline.io import atomic_write_bytes
+
+FORMAT = "astroflow-checkpoint-v1"
+
+
+def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
+    """Serialise in memory, then write atomically: a kill never leaves a truncated checkpoint."""
+    payload = {"format": FORMAT, **payload}
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def load_checkpoint(path: str | Path, *, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # torch raises many types for truncated/corrupt/unsafe files
+        raise CheckpointError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {str(exc)[:200]})") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        got = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
+        raise CheckpointError(f"{path}: field 'format' must be {FORMAT!r}, got {got!r}")
+    for key in ("model", "config", "class_names", "model_name", "img_size"):
+        if key not in payload:
+            raise CheckpointError(f"{path}: field {key!r} missing")
+    return payload
+
+
+def checkpoint_config(payload: dict[str, Any], path: str | Path = "<checkpoint>") -> Config:
+    try:
+        return config_from_dict(payload["config"], f"{path} config")
+    except Exception as exc:
+        raise CheckpointError(f"{path}: stored config is invalid: {exc}") from None
+
+
+def model_id(path: str | Path) -> str:
+    """Identity of a trained model: hash of the checkpoint's weights file and its config."""
+    payload = load_checkpoint(path)
+    h = hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+    return f"{payload['model_name']}-{stable_hash({'weights': h, 'config': payload['config']})}"
+
+
+def build_model(payload: dict[str, Any], *, path: str | Path = "<checkpoint>") -> torch.nn.Module:
+    """The network described by a checkpoint, with its weights loaded, in eval mode."""
+    import models  # noqa: F401  registers the Astroformer family in timm
+    from models.summary import create_model
+
+    model = create_model(
+        payload["model_name"], num_classes=len(payload["class_names"]), img_size=int(payload["img_size"])
+    )
+    try:
+        model.load_state_dict(payload["model"])
+    except RuntimeError as exc:
+        raise CheckpointError(
+            f"{path}: weights do not match model {payload['model_name']!r} with "
+            f"{len(payload['class_names'])} classes at img_size {payload['img_size']}: {str(exc)[:300]}"
+        ) from None
+    return model.eval()
+
+
+def load_model(path: str | Path, *, map_location: str | torch.device = "cpu") -> tuple[torch.nn.Module, Config, dict[str, Any]]:
+    """(model in eval mode, its training config, the raw payload) from a checkpoint file."""
+    payload = load_checkpoint(path, map_location=map_location)
+    return build_model(payload, path=path), checkpoint_config(payload, path), payload
+
+
+def describe(payload: dict[str, Any]) -> str:
+    return json.dumps({k: payload[k] for k in ("model_name", "img_size", "class_names", "epoch") if k in payload})

@@ -1,0 +1,21 @@
+"""Errors astroflow reports to people: the CLI prints the message and exits non-zero, without a traceback."""
+
+
+class AstroflowError(Exception):
+    """Base of every error meant for the user; the message names the file, the field and what was expected."""
+
+
+class ConfigError(AstroflowError):
+    """An unknown key, a wrong type or an impossible value in params.yaml or a --set override."""
+
+
+class DataError(AstroflowError):
+    """Input data that cannot be read or does not have the expected schema."""
+
+
+class ValidationFailed(AstroflowError):
+    """The data loaded fine but broke one or more expectations (see the validation report)."""
+
+
+class CheckpointError(AstroflowError):
+    """A checkpoint that is corrupt, truncated or does not match the configured model."""

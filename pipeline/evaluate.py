@@ -1,0 +1,367 @@
+"""Stage ``evaluate``: test-split metrics, confusion matrix, predictions and a markdown report.
+
+Preprocessing (``img_size``, ``train.input_range``) comes from the checkpoint's own config, so a model
+is always evaluated on the inputs it was trained on; the current config only decides how to run
+(batch size, TTA, device, workers). :func:`predict_split` is shared with ``calibrate`` so the
+temperature is fitted on exactly the kind of scores it is later applied to.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from pipeline import metrics as M
+from pipeline.config import Config
+from pipeline.errors import CheckpointError, ConfigError, DataError
+from pipeline.io import atomic_dir, atomic_write_json, read_json
+from pipeline.shards import load_manifest, make_dataset, shard_urls
+from pipeline.transforms import d4_views, eval_transform
+
+CONFUSION_PNG = "confusion.png"
+
+
+@dataclass
+class SplitPredictions:
+    """Scores of one split in row order; with TTA ``logits`` are log mean probabilities (softmax gives them back)."""
+
+    logits: np.ndarray
+    labels: np.ndarray
+    ids: list[str]
+    rows: np.ndarray
+    images_per_second: float
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when present; an explicit CUDA device on a machine without one is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise ConfigError(f"evaluate.device: {exc} (got {name!r})") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"evaluate.device is {name!r} but CUDA is not available")
+    return device
+
+
+def _collate(samples: list[tuple[torch.Tensor, int, dict[str, Any]]]) -> tuple[torch.Tensor, torch.Tensor, list[dict[str, Any]]]:
+    images, labels, metas = zip(*samples)
+    return torch.stack(images), torch.tensor(labels, dtype=torch.int64), list(metas)
+
+
+def check_class_names(payload: dict[str, Any], manifest: dict[str, Any], shards_dir: Path) -> list[str]:
+    """The model's class names, which must be the shards' (same names, same order) for labels to mean anything."""
+    names = list(payload["class_names"])
+    if names != list(manifest["class_names"]):
+        raise DataError(
+            f"{shards_dir}: shards have class_names {manifest['class_names']} but the checkpoint "
+            f"was trained on {names}"
+        )
+    return names
+
+
+def predict_split(
+    model: torch.nn.Module,
+    shards_dir: Path,
+    split: str,
+    *,
+    img_size: int,
+    input_range: str,
+    batch_size: int,
+    tta: bool = False,
+    device: torch.device | str = "cpu",
+    workers: int = 0,
+    progress: bool = True,
+) -> SplitPredictions:
+    """Batched inference over every sample of ``split``; returns scores sorted by prepared-file row."""
+    shards_dir = Path(shards_dir)
+    urls = shard_urls(shards_dir, split)
+    expected = int(load_manifest(shards_dir)["splits"][split]["num_samples"])
+    if expected == 0:
+        raise DataError(f"{shards_dir}: split {split!r} has no samples")
+    device = torch.device(device)
+    model = model.to(device).eval()
+    ds = make_dataset(urls, split_by_node=False, transform=eval_transform(img_size, input_range))
+    ds = ds.batched(batch_size, collation_fn=_collate, partial=True)
+    loader = torch.utils.data.DataLoader(
+        ds, batch_size=None, num_workers=min(workers, len(urls)), pin_memory=device.type == "cuda"
+    )
+    logits, labels, ids, rows = [], [], [], []
+    bar = tqdm(total=expected, desc=f"evaluate {split}", unit="img", disable=not progress, dynamic_ncols=True)
+    start = time.perf_counter()
+    try:
+        with torch.inference_mode():
+            for x, y, metas in loader:
+                x = x.to(device, non_blocking=True)
+                if tta:
+                    views = torch.stack([model(v).float().log_softmax(dim=1) for v in d4_views(x)])
+                    out = torch.logsumexp(views, dim=0) - math.log(len(views))
+                else:
+                    out = model(x).float()
+                logits.append(out.cpu().numpy())
+                labels.append(y.numpy())
+                ids.extend(str(m["id"]) for m in metas)
+                rows.extend(int(m["row"]) for m in metas)
+                bar.update(len(y))
+    finally:
+        bar.close()
+    elapsed = time.perf_counter() - start
+    if len(rows) != expected:
+        raise DataError(f"{shards_dir}: split {split!r} yielded {len(rows)} samples, the manifest lists {expected}")
+    order = np.argsort(np.asarray(rows), kind="stable")
+    return SplitPredictions(
+        logits=np.concatenate(logits)[order],
+        labels=np.concatenate(labels)[order],
+        ids=[ids[i] for i in order],
+        rows=np.asarray(rows, dtype=np.int64)[order],
+        images_per_second=len(rows) / elapsed if elapsed > 0 else float("nan"),
+    )
+
+
+def load_and_predict(
+    cfg: Config, shards_dir: Path, checkpoint: Path, split: str, *, progress: bool = True
+) -> tuple[SplitPredictions, list[str], dict[str, Any]]:
+    """Load the checkpoint, check it against the shards, and score ``split`` as ``cfg.evaluate`` says."""
+    from pipeline.checkpoint import load_model
+
+    model, model_cfg, payload = load_model(checkpoint)
+    names = check_class_names(payload, load_manifest(shards_dir), Path(shards_dir))
+    preds = predict_split(
+        model,
+        shards_dir,
+        split,
+        img_size=int(payload["img_size"]),
+        input_range=model_cfg.train.input_range,
+        batch_size=cfg.evaluate.batch_size,
+        tta=cfg.evaluate.tta,
+        device=resolve_device(cfg.evaluate.device),
+        workers=cfg.evaluate.workers,
+        progress=progress,
+    )
+    info = {
+        "model_name": payload["model_name"],
+        "img_size": int(payload["img_size"]),
+        "input_range": model_cfg.train.input_range,
+    }
+    return preds, names, info
+
+
+def _read_calibration(path: Path, mid: str, tta: bool) -> float:
+    """The temperature of a calibration file made for this very model and scoring; otherwise an error."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: calibration file not found (run `astroflow calibrate` first)")
+    cal = read_json(path)
+    t = cal.get("temperature")
+    if not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0:
+        raise DataError(f"{path}: field 'temperature' must be a positive number, got {t!r}")
+    if cal.get("model_id") != mid:
+        raise CheckpointError(f"{path}: calibration is for model {cal.get('model_id')!r}, not {mid!r}; re-run calibrate")
+    if cal.get("enabled", True) and bool(cal.get("tta")) != tta:
+        raise ConfigError(
+            f"{path}: temperature was fitted with tta={bool(cal.get('tta'))} but evaluate.tta is {tta}; re-run calibrate"
+        )
+    return float(t)
+
+
+def evaluate(
+    cfg: Config,
+    shards_dir: Path,
+    checkpoint: Path,
+    out_dir: Path,
+    *,
+    calibration: Path | None = None,
+    metrics_path: Path | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Score the ``test`` split and write metrics.json, confusion.{png,csv}, predictions.csv and report.md.
+
+    ``out_dir`` belongs to this stage: it is built under a temporary name and swapped in whole, so it
+    either holds a complete evaluation or the previous one.
+    """
+    from pipeline.checkpoint import model_id
+
+    mid = model_id(checkpoint)
+    temperature = _read_calibration(calibration, mid, cfg.evaluate.tta) if calibration is not None else None
+    preds, names, info = load_and_predict(cfg, shards_dir, checkpoint, "test", progress=progress)
+    summary = M.summarize(preds.logits, preds.labels, names, bins=cfg.calibrate.bins)
+    cm = np.asarray(summary.pop("confusion"))
+    per_class = summary.pop("per_class")
+
+    result: dict[str, Any] = {
+        "split": "test",
+        "model_id": mid,
+        "tta": cfg.evaluate.tta,
+        **summary,
+    }
+    if temperature is not None:
+        result.update(
+            temperature=temperature,
+            ece_before=summary["ece"],
+            ece_after=M.expected_calibration_error(M.softmax(preds.logits, temperature), preds.labels, cfg.calibrate.bins),
+            nll_before=summary["nll"],
+            nll_after=M.nll(preds.logits, preds.labels, temperature),
+        )
+    result["images_per_second"] = preds.images_per_second
+    result["per_class"] = per_class
+
+    preds_pred = preds.logits.argmax(axis=1)
+    with atomic_dir(out_dir) as tmp:
+        atomic_write_json(tmp / "metrics.json", result)
+        (tmp / "confusion.csv").write_text(_confusion_csv(preds.labels, preds_pred, names))
+        (tmp / "predictions.csv").write_text(_predictions_csv(preds, preds_pred, temperature))
+        plot_confusion(cm, names, tmp / CONFUSION_PNG, title=_plot_title(result, info))
+        (tmp / "report.md").write_text(render_report(result, info, CONFUSION_PNG))
+    if metrics_path is not None:
+        atomic_write_json(metrics_path, result)
+    return result
+
+
+def _confusion_csv(labels: np.ndarray, preds: np.ndarray, names: Sequence[str]) -> str:
+    """One row per sample (``actual,predicted`` class names): the input of DVC's confusion template."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["actual", "predicted"])
+    w.writerows((names[a], names[p]) for a, p in zip(labels, preds))
+    return buf.getvalue()
+
+
+def _predictions_csv(preds: SplitPredictions, pred: np.ndarray, temperature: float | None) -> str:
+    """Per-sample predictions; ``max_prob`` is the raw softmax, ``max_prob_calibrated`` uses the fitted temperature."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    header = ["id", "row", "label", "pred", "max_prob"]
+    columns = [preds.ids, preds.rows, preds.labels, pred, M.softmax(preds.logits).max(axis=1)]
+    if temperature is not None:
+        header.append("max_prob_calibrated")
+        columns.append(M.softmax(preds.logits, temperature).max(axis=1))
+    w.writerow(header)
+    for rec in zip(*columns):
+        w.writerow([rec[0], int(rec[1]), int(rec[2]), int(rec[3]), *(f"{p:.6f}" for p in rec[4:])])
+    return buf.getvalue()
+
+
+def _plot_title(result: dict[str, Any], info: dict[str, Any]) -> str:
+    tta = ", TTA" if result["tta"] else ""
+    return (
+        f"{info['model_name']} @ {info['img_size']}px{tta} — test, {result['num_samples']} images\n"
+        f"top-1 {result['top1']:.2%}   macro-F1 {result['macro_f1']:.3f}   balanced acc. {result['balanced_accuracy']:.2%}"
+    )
+
+
+def plot_confusion(cm: np.ndarray, class_names: Sequence[str], path: Path, *, title: str = "") -> None:
+    """Confusion matrix PNG: colour is the row-normalised fraction (recall per true class), text the counts.
+
+    Built on a bare Agg ``Figure`` (no pyplot), so it is thread-safe and never needs a display.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    cm = np.asarray(cm, dtype=np.int64)
+    n = len(class_names)
+    support = cm.sum(axis=1)
+    frac = np.divide(cm, support[:, None], out=np.zeros(cm.shape), where=support[:, None] > 0)
+    side = max(5.0, 0.75 * n + 3.0)
+    fig = Figure(figsize=(side + 1.5, side), dpi=120, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    im = ax.imshow(frac, cmap="Blues", vmin=0.0, vmax=1.0)
+    cbar = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02)
+    cbar.set_label("fraction of the true class")
+    count_size = 9 if n <= 12 else max(5, 9 - (n - 12) // 3)
+    for i in range(n):
+        for j in range(n):
+            if cm[i, j] == 0 and i != j:
+                continue
+            colour = "white" if frac[i, j] > 0.55 else "black"
+            ax.text(j, i, f"{cm[i, j]}\n{frac[i, j]:.0%}", ha="center", va="center", color=colour,
+                    fontsize=count_size, linespacing=1.1)
+    ax.set_xticks(range(n), labels=list(class_names), rotation=40, ha="right", rotation_mode="anchor")
+    ax.set_yticks(range(n), labels=[f"{c} ({s})" for c, s in zip(class_names, support)])
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class (support)")
+    ax.set_xticks(np.arange(n + 1) - 0.5, minor=True)
+    ax.set_yticks(np.arange(n + 1) - 0.5, minor=True)
+    ax.grid(which="minor", color="white", linewidth=1.0)
+    ax.tick_params(which="minor", length=0)
+    if title:
+        ax.set_title(title, fontsize=10)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png")
+
+
+def _md(text: Any) -> str:
+    return str(text).replace("|", "\\|")
+
+
+def _fmt(value: Any, pct: bool = False) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "n/a"
+    return f"{value:.2%}" if pct else f"{value:.4f}"
+
+
+def render_report(result: dict[str, Any], info: dict[str, Any], confusion_png: str = CONFUSION_PNG) -> str:
+    """Markdown classification report: headline metrics, per-class table with error contributions, the PNG."""
+    lines = [
+        "# Evaluation report",
+        "",
+        f"Model `{result['model_id']}` ({info['model_name']}, {info['img_size']} px, input range "
+        f"`{info['input_range']}`) on the **{result['split']}** split: {result['num_samples']} images, "
+        f"test-time augmentation {'on (8 rotations/flips)' if result['tta'] else 'off'}.",
+        "",
+        "## Summary",
+        "",
+        "| metric | value |",
+        "|---|---:|",
+        f"| top-1 accuracy | {_fmt(result['top1'], True)} |",
+        f"| top-5 accuracy | {_fmt(result['top5'], True)} |",
+        f"| macro F1 | {_fmt(result['macro_f1'])} |",
+        f"| balanced accuracy | {_fmt(result['balanced_accuracy'], True)} |",
+        f"| error rate | {_fmt(result['error_rate'], True)} |",
+        f"| expected calibration error | {_fmt(result['ece'])} |",
+        f"| negative log-likelihood | {_fmt(result['nll'])} |",
+        f"| mean softmax entropy (nats) | {_fmt(result['mean_entropy'])} |",
+        "",
+        "## Per class",
+        "",
+        "Error contribution: misclassified images of the class divided by all images; the column sums to the error rate.",
+        "",
+        "| class | precision | recall | F1 | support | error contribution |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for name, pc in result["per_class"].items():
+        lines.append(
+            f"| {_md(name)} | {_fmt(pc['precision'])} | {_fmt(pc['recall'])} | {_fmt(pc['f1'])} | "
+            f"{pc['support']} | {_fmt(pc['error_contribution'], True)} |"
+        )
+    total_support = sum(pc["support"] for pc in result["per_class"].values())
+    total_contrib = sum(pc["error_contribution"] for pc in result["per_class"].values())
+    lines.append(
+        f"| **all (macro)** | | | **{_fmt(result['macro_f1'])}** | **{total_support}** | **{_fmt(total_contrib, True)}** |"
+    )
+    if "temperature" in result:
+        lines += [
+            "",
+            "## Calibration",
+            "",
+            f"Temperature {result['temperature']:.4f} (fitted on the validation split), measured on the test split:",
+            "",
+            "| | before (T = 1) | after |",
+            "|---|---:|---:|",
+            f"| expected calibration error | {_fmt(result['ece_before'])} | {_fmt(result['ece_after'])} |",
+            f"| negative log-likelihood | {_fmt(result['nll_before'])} | {_fmt(result['nll_after'])} |",
+        ]
+    lines += ["", "## Confusion matrix", "", f"![confusion matrix]({confusion_png})", ""]
+    return "\n".join(lines)

@@ -1,0 +1,160 @@
+"""Stage ``prepare``: turn any source into one canonical HDF5 file in the Galaxy10 schema.
+
+The canonical file is the Galaxy10 DECals schema (``images``, ``ans``, ``ra``, ``dec``, ``redshift``,
+``pxscale``) plus ``id`` and ``source_index``, uncompressed and contiguous so that the later stages
+read it at disk speed. Images keep the source's dtype, so that ``validate`` (not ``prepare``) is
+where a float or NaN image is caught and reported. It is itself a valid ``h5`` source. Its attributes hold the class names, a
+description of the input and ``data_hash``, a hash of the content (images, labels, ids) that the
+shard manifest and the artifact cache key on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+from tqdm.auto import tqdm
+
+from pipeline.config import Config, DataConfig
+from pipeline.errors import DataError
+from pipeline.io import atomic_path
+from pipeline.sources import open_source
+from pipeline.sources.base import OPTIONAL_FLOAT_FIELDS, RecordBatch, Source
+
+DATASET_FILE = "dataset.h5"
+FORMAT_VERSION = 1
+
+
+def _label_dtype(num_classes: int) -> np.dtype:
+    return np.dtype(np.uint8) if num_classes <= 256 else np.dtype(np.int32)
+
+
+class ContentHasher:
+    """Order-sensitive hash of images, labels and ids; identical content gives the identical hash."""
+
+    def __init__(self) -> None:
+        self._h = hashlib.blake2b(digest_size=16)
+
+    def update(self, batch: RecordBatch) -> None:
+        self._h.update(np.ascontiguousarray(batch.images).data)
+        self._h.update(np.asarray(batch.labels, dtype=np.int64).tobytes())
+        self._h.update("\x00".join(batch.ids).encode())
+
+    def hexdigest(self) -> str:
+        return self._h.hexdigest()
+
+
+def write_prepared(source: Source, path: Path, data: DataConfig, *, progress: bool = True) -> dict[str, Any]:
+    """Stream ``source`` into the canonical file at ``path`` (atomically) and return its summary."""
+    n = len(source)
+    if n == 0:
+        raise DataError(f"{source.describe().get('path', 'source')}: no images to prepare")
+    shape = source.image_shape
+    num_classes = data.num_classes
+    hasher = ContentHasher()
+    counts = np.zeros(num_classes, dtype=np.int64)
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as h5:
+        images = h5.create_dataset("images", shape=(n, *shape), dtype=source.image_dtype)
+        ans = h5.create_dataset("ans", shape=(n,), dtype=_label_dtype(num_classes))
+        floats = {name: h5.create_dataset(name, shape=(n,), dtype=np.float64) for name in OPTIONAL_FLOAT_FIELDS}
+        ids = h5.create_dataset("id", shape=(n,), dtype=h5py.string_dtype())
+        src_index = h5.create_dataset("source_index", shape=(n,), dtype=np.int64)
+        pos = 0
+        bar = tqdm(total=n, desc="prepare", unit="img", disable=not progress, dynamic_ncols=True)
+        for batch in source.iter_batches(data.chunk_size):
+            k = len(batch)
+            if pos + k > n:
+                raise DataError(f"{source.describe().get('path')}: source yielded more than the {n} records it declared")
+            labels = np.asarray(batch.labels)
+            bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
+            if bad.size:
+                raise DataError(
+                    f"{source.describe().get('path')}: field 'ans' (label) must be in [0, {num_classes}) for "
+                    f"{num_classes} configured class names; row {int(batch.source_index[bad[0]])} has {int(labels[bad[0]])}"
+                    f" ({bad.size} such rows in this chunk)"
+                )
+            images[pos : pos + k] = batch.images
+            ans[pos : pos + k] = labels
+            for name in OPTIONAL_FLOAT_FIELDS:
+                floats[name][pos : pos + k] = getattr(batch, name)
+            ids[pos : pos + k] = batch.ids
+            src_index[pos : pos + k] = batch.source_index
+            counts += np.bincount(labels, minlength=num_classes)
+            hasher.update(batch)
+            pos += k
+            bar.update(k)
+        bar.close()
+        if pos != n:
+            raise DataError(f"{source.describe().get('path')}: source declared {n} records but yielded {pos}")
+        summary = {
+            "format_version": FORMAT_VERSION,
+            "num_images": n,
+            "image_shape": list(shape),
+            "class_names": list(data.class_names),
+            "class_counts": {name: int(c) for name, c in zip(data.class_names, counts)},
+            "source": source.describe(),
+            "data_hash": hasher.hexdigest(),
+        }
+        for key in ("format_version", "data_hash"):
+            h5.attrs[key] = summary[key]
+        h5.attrs["class_names"] = json.dumps(summary["class_names"])
+        h5.attrs["source"] = json.dumps(summary["source"])
+    return summary
+
+
+@dataclass
+class PreparedDataset:
+    """Chunked reader of the canonical file; never loads the whole image array."""
+
+    path: Path
+
+    def __post_init__(self) -> None:
+        self.path = Path(self.path)
+        if not self.path.is_file():
+            raise DataError(f"{self.path}: prepared dataset not found (run `astroflow prepare` first)")
+        with h5py.File(self.path, "r") as h5:
+            self.num_images = int(h5["images"].shape[0])
+            self.image_shape = tuple(int(x) for x in h5["images"].shape[1:])
+            self.image_dtype = np.dtype(h5["images"].dtype)
+            self.class_names: list[str] = json.loads(h5.attrs["class_names"])
+            self.data_hash: str = str(h5.attrs["data_hash"])
+            self.source: dict[str, Any] = json.loads(h5.attrs["source"])
+
+    def __len__(self) -> int:
+        return self.num_images
+
+    def read_column(self, name: str) -> np.ndarray:
+        """A whole scalar column (labels, ids, coordinates): small next to the images."""
+        with h5py.File(self.path, "r") as h5:
+            col = h5[name][:]
+        if name == "id":
+            return np.array([x.decode() if isinstance(x, bytes) else x for x in col], dtype=object)
+        return col
+
+    def iter_batches(self, chunk_size: int = 256, start: int = 0, stop: int | None = None) -> Iterator[RecordBatch]:
+        stop = self.num_images if stop is None else min(stop, self.num_images)
+        with h5py.File(self.path, "r") as h5:
+            for lo in range(start, stop, chunk_size):
+                hi = min(lo + chunk_size, stop)
+                yield RecordBatch(
+                    images=h5["images"][lo:hi],
+                    labels=h5["ans"][lo:hi].astype(np.int64),
+                    ids=[x.decode() if isinstance(x, bytes) else x for x in h5["id"][lo:hi]],
+                    source_index=h5["source_index"][lo:hi],
+                    **{name: h5[name][lo:hi] for name in OPTIONAL_FLOAT_FIELDS},
+                )
+
+
+def prepare(cfg: Config, out_dir: Path, *, workdir: Path = Path("."), progress: bool = True) -> dict[str, Any]:
+    """Stage entry point shared by the CLI, DVC and the flows."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    source = open_source(cfg.data, workdir=workdir, progress=progress)
+    summary = write_prepared(source, out_dir / DATASET_FILE, cfg.data, progress=progress)
+    return summary

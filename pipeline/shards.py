@@ -1,0 +1,322 @@
+"""Stage ``shard``: stratified split, WebDataset shard writing, the manifest, and the shard reader.
+
+Layout and sample format are described in ``docs/design.md``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import webdataset as wds
+from PIL import Image
+from tqdm.auto import tqdm
+
+from pipeline.config import Config, ShardConfig
+from pipeline.errors import DataError
+from pipeline.io import atomic_dir, atomic_write_json, read_json, sha256_file
+from pipeline.prepare import PreparedDataset
+from pipeline.sources.base import OPTIONAL_FLOAT_FIELDS, RecordBatch
+
+SPLITS: tuple[str, ...] = ("train", "val", "test")
+MANIFEST = "manifest.json"
+SPLIT_TABLE = "split.parquet"
+IMAGE_EXTENSIONS = {"png": "png", "jpg": "jpg", "npy": "npy"}
+
+
+# ---------------------------------------------------------------- split
+
+
+def stratified_split(labels: np.ndarray, fractions: dict[str, float], seed: int) -> np.ndarray:
+    """Assign each row a split index (position in ``fractions``), stratified by class.
+
+    Per class the counts come from largest remainders, so every class's share of every split is
+    within one sample of ideal; the order within a class is a seeded permutation, so the result
+    depends only on the labels, their order and the seed.
+    """
+    labels = np.asarray(labels)
+    names = list(fractions)
+    fr = np.array([fractions[n] for n in names], dtype=np.float64)
+    out = np.empty(len(labels), dtype=np.int8)
+    for cls in np.unique(labels):
+        rows = np.flatnonzero(labels == cls)
+        ideal = fr * len(rows)
+        counts = np.floor(ideal).astype(int)
+        remainder = len(rows) - counts.sum()
+        order = np.argsort(-(ideal - counts), kind="stable")
+        counts[order[:remainder]] += 1
+        perm = np.random.default_rng([seed, int(cls)]).permutation(rows)
+        bounds = np.cumsum(counts)[:-1]
+        for split_idx, part in enumerate(np.split(perm, bounds)):
+            out[part] = split_idx
+    return out
+
+
+# ---------------------------------------------------------------- encoding
+
+
+def encode_image(image: np.ndarray, fmt: str, *, png_level: int = 1, jpeg_quality: int = 95) -> bytes:
+    """Encode one HWC uint8 image; png and npy round-trip bit for bit."""
+    buf = io.BytesIO()
+    if fmt == "npy":
+        np.save(buf, np.ascontiguousarray(image), allow_pickle=False)
+    elif fmt == "png":
+        Image.fromarray(image).save(buf, format="PNG", compress_level=png_level)
+    elif fmt == "jpg":
+        Image.fromarray(image).save(buf, format="JPEG", quality=jpeg_quality)
+    else:
+        raise ValueError(f"unknown image format {fmt!r}")
+    return buf.getvalue()
+
+
+def _encode_many(args: tuple[np.ndarray, str, int, int]) -> list[bytes]:
+    images, fmt, level, quality = args
+    return [encode_image(img, fmt, png_level=level, jpeg_quality=quality) for img in images]
+
+
+def _json_value(x: float) -> float | None:
+    return None if not math.isfinite(x) else float(x)
+
+
+# ---------------------------------------------------------------- writing
+
+
+def _check_validation(validation_report: Path | None, data_hash: str) -> None:
+    if validation_report is None:
+        return
+    if not Path(validation_report).is_file():
+        raise DataError(f"{validation_report}: validation report not found (run `astroflow validate` first)")
+    report = read_json(validation_report)
+    if not report.get("success"):
+        raise DataError(f"{validation_report}: the data failed validation; fix it before sharding")
+    if report.get("data_hash") != data_hash:
+        raise DataError(
+            f"{validation_report}: report is for data_hash {report.get('data_hash')}, "
+            f"but the prepared dataset has {data_hash}; re-run `astroflow validate`"
+        )
+
+
+def write_shards(
+    cfg: Config,
+    prepared_path: Path,
+    out_dir: Path,
+    *,
+    validation_report: Path | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Split the prepared dataset and write every split's shards, manifest and split table atomically."""
+    ds = PreparedDataset(prepared_path)
+    _check_validation(validation_report, ds.data_hash)
+    if ds.image_dtype != np.uint8:
+        raise DataError(f"{prepared_path}: field 'images' must be uint8 to shard, got {ds.image_dtype}")
+    sc: ShardConfig = cfg.shard
+    labels = ds.read_column("ans").astype(np.int64)
+    ids = ds.read_column("id")
+    fractions = cfg.split.fractions()
+    assignment = stratified_split(labels, fractions, cfg.split.seed)
+    split_names = list(fractions)
+    ext = IMAGE_EXTENSIONS[sc.image_format]
+    workers = sc.workers or os.cpu_count() or 1
+
+    with atomic_dir(out_dir) as tmp:
+        writers = {
+            name: wds.ShardWriter(
+                str(tmp / f"{name}-%06d.tar"),
+                maxcount=sc.max_samples_per_shard,
+                maxsize=sc.max_bytes_per_shard,
+                verbose=0,
+            )
+            for name in split_names
+        }
+        bar = tqdm(total=len(ds), desc="shard", unit="img", disable=not progress, dynamic_ncols=True)
+        pool = ProcessPoolExecutor(workers) if workers > 1 else None
+        try:
+            batches = ds.iter_batches(cfg.data.chunk_size)
+            for offset, batch, encoded in _encoded_batches(batches, pool, workers, sc):
+                for j in range(len(batch)):
+                    row = offset + j
+                    split = split_names[assignment[row]]
+                    label = int(batch.labels[j])
+                    meta = {
+                        "id": batch.ids[j],
+                        "row": row,
+                        "source_index": int(batch.source_index[j]),
+                        "label": label,
+                        "class_name": ds.class_names[label],
+                    }
+                    for name in OPTIONAL_FLOAT_FIELDS:
+                        meta[name] = _json_value(float(getattr(batch, name)[j]))
+                    writers[split].write(
+                        {
+                            "__key__": f"r{row:08d}",
+                            ext: encoded[j],
+                            "cls": str(label).encode(),
+                            "json": json.dumps(meta).encode(),
+                        }
+                    )
+                bar.update(len(batch))
+        finally:
+            bar.close()
+            for w in writers.values():
+                w.close()
+            if pool is not None:
+                pool.shutdown(cancel_futures=True)
+
+        manifest = _manifest(cfg, ds, tmp, labels, assignment, split_names)
+        table = pa.table(
+            {
+                "id": pa.array([str(i) for i in ids]),
+                "row": pa.array(np.arange(len(ds), dtype=np.int64)),
+                "label": pa.array(labels),
+                "split": pa.array([split_names[i] for i in assignment]),
+            }
+        )
+        pq.write_table(table, tmp / SPLIT_TABLE)
+        atomic_write_json(tmp / MANIFEST, manifest)
+    return manifest
+
+
+def _encoded_batches(
+    batches: Iterable[RecordBatch], pool: ProcessPoolExecutor | None, workers: int, sc: ShardConfig
+) -> Iterator[tuple[int, RecordBatch, list[bytes]]]:
+    """Yield (first row, batch, encoded images); chunk k+1 encodes in workers while chunk k is written."""
+    args = (sc.image_format, sc.png_compress_level, sc.jpeg_quality)
+    offset = 0
+    pending: list[tuple[int, RecordBatch, list[Future[list[bytes]]]]] = []
+    for batch in batches:
+        if pool is None:
+            yield offset, batch, _encode_many((batch.images, *args))
+        else:
+            parts = np.array_split(batch.images, workers)
+            pending.append((offset, batch, [pool.submit(_encode_many, (p, *args)) for p in parts]))
+            if len(pending) > 1:
+                yield _collect(*pending.pop(0))
+        offset += len(batch)
+    while pending:
+        yield _collect(*pending.pop(0))
+
+
+def _collect(offset: int, batch: RecordBatch, futures: list[Future[list[bytes]]]) -> tuple[int, RecordBatch, list[bytes]]:
+    return offset, batch, [img for f in futures for img in f.result()]
+
+
+def _manifest(
+    cfg: Config,
+    ds: PreparedDataset,
+    shard_dir: Path,
+    labels: np.ndarray,
+    assignment: np.ndarray,
+    split_names: list[str],
+) -> dict[str, Any]:
+    splits: dict[str, Any] = {}
+    for idx, name in enumerate(split_names):
+        files = sorted(shard_dir.glob(f"{name}-*.tar"))
+        in_split = labels[assignment == idx]
+        counts = np.bincount(in_split, minlength=len(ds.class_names))
+        splits[name] = {
+            "num_samples": int(len(in_split)),
+            "class_counts": {c: int(k) for c, k in zip(ds.class_names, counts)},
+            "shards": [
+                {"name": f.name, "sha256": sha256_file(f), "bytes": f.stat().st_size} for f in files
+            ],
+        }
+    return {
+        "format_version": 1,
+        "class_names": ds.class_names,
+        "num_images": len(ds),
+        "image_shape": list(ds.image_shape),
+        "image_format": cfg.shard.image_format,
+        "config_hash": cfg.section_hash("split", "shard"),
+        "data_hash": ds.data_hash,
+        "split": cfg.split.model_dump(),
+        "splits": splits,
+    }
+
+
+def shard(cfg: Config, prepared_path: Path, out_dir: Path, *, validation_report: Path | None = None, progress: bool = True) -> dict[str, Any]:
+    """Stage entry point shared by the CLI, DVC and the flows."""
+    return write_shards(cfg, prepared_path, out_dir, validation_report=validation_report, progress=progress)
+
+
+# ---------------------------------------------------------------- reading
+
+
+def load_manifest(shards_dir: Path) -> dict[str, Any]:
+    path = Path(shards_dir) / MANIFEST
+    if not path.is_file():
+        raise DataError(f"{path}: shard manifest not found (run `astroflow shard` first)")
+    return read_json(path)
+
+
+def shard_urls(shards_dir: Path, split: str) -> list[str]:
+    """Absolute paths of one split's shards, in manifest order."""
+    manifest = load_manifest(shards_dir)
+    if split not in manifest["splits"]:
+        raise DataError(f"{Path(shards_dir) / MANIFEST}: no split {split!r}; have {sorted(manifest['splits'])}")
+    return [str(Path(shards_dir).resolve() / s["name"]) for s in manifest["splits"][split]["shards"]]
+
+
+def decode_image(sample: dict[str, Any]) -> np.ndarray:
+    """The HWC uint8 image of a raw WebDataset sample, whatever format it was written in."""
+    if "png" in sample:
+        data, kind = sample["png"], "png"
+    elif "jpg" in sample:
+        data, kind = sample["jpg"], "jpg"
+    elif "npy" in sample:
+        return np.load(io.BytesIO(sample["npy"]), allow_pickle=False)
+    else:
+        raise DataError(f"{sample.get('__url__')}: sample {sample.get('__key__')} has no image member")
+    with Image.open(io.BytesIO(data)) as im:
+        if im.mode != "RGB":
+            raise DataError(f"{sample.get('__url__')}: sample {sample.get('__key__')} .{kind} is {im.mode}, expected RGB")
+        return np.asarray(im)
+
+
+def _to_record(sample: dict[str, Any]) -> tuple[np.ndarray, int, dict[str, Any]]:
+    return decode_image(sample), int(sample["cls"]), json.loads(sample["json"])
+
+
+def make_dataset(
+    urls: list[str],
+    *,
+    shuffle_buffer: int = 0,
+    seed: int = 0,
+    split_by_node: bool = True,
+    resampled: bool = False,
+    transform: Callable[[np.ndarray], Any] | None = None,
+) -> wds.WebDataset:
+    """A WebDataset pipeline yielding ``(image, label, meta)``.
+
+    Shards are split by rank (``split_by_node``, a no-op outside torch.distributed) and by DataLoader
+    worker; ``shuffle_buffer`` > 0 shuffles shard order and samples. ``transform`` maps the HWC uint8
+    image (for example to an augmented tensor).
+    """
+    ds = wds.WebDataset(
+        urls,
+        resampled=resampled,
+        shardshuffle=(shuffle_buffer > 0) and not resampled,
+        nodesplitter=wds.split_by_node if split_by_node else wds.single_node_only,
+        workersplitter=wds.split_by_worker,
+        seed=seed,
+        empty_check=False,
+    )
+    if shuffle_buffer > 0:
+        ds = ds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 100), rng=None)
+    ds = ds.map(_to_record)
+    if transform is not None:
+        ds = ds.map(lambda r: (transform(r[0]), r[1], r[2]))
+    return ds
+
+
+def iter_split(shards_dir: Path, split: str) -> Iterator[tuple[np.ndarray, int, dict[str, Any]]]:
+    """Every sample of a split in written order (single process): for evaluation and tests."""
+    yield from make_dataset(shard_urls(shards_dir, split), split_by_node=False)

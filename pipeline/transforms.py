@@ -1,0 +1,58 @@
+"""Image preprocessing shared by training, evaluation and prediction.
+
+Evaluation and prediction must see exactly the preprocessing the model was trained with, so both
+take it from the checkpoint's config through :func:`eval_transform`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def normalization(input_range: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Mean/std for ``train.input_range``: ImageNet statistics, or [-1, 1] (the MobileViT galaxy recipe)."""
+    if input_range == "minus_one_one":
+        return (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+    if input_range == "imagenet":
+        return IMAGENET_MEAN, IMAGENET_STD
+    raise ValueError(f"unknown input_range {input_range!r}")
+
+
+def to_float_tensor(images: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """HWC or NHWC uint8 -> NCHW float in [0, 1]."""
+    t = torch.as_tensor(images)
+    if t.ndim == 3:
+        t = t.unsqueeze(0)
+    return t.permute(0, 3, 1, 2).float().div_(255.0)
+
+
+def eval_transform(img_size: int, input_range: str) -> Callable[[np.ndarray], torch.Tensor]:
+    """HWC uint8 image -> normalised CHW float tensor at ``img_size`` (area resize, no crop)."""
+    mean, std = normalization(input_range)
+    mean_t = torch.tensor(mean).view(3, 1, 1)
+    std_t = torch.tensor(std).view(3, 1, 1)
+
+    def apply(image: np.ndarray) -> torch.Tensor:
+        x = to_float_tensor(np.ascontiguousarray(image))
+        if x.shape[-2:] != (img_size, img_size):
+            x = F.interpolate(x, size=(img_size, img_size), mode="area" if x.shape[-1] > img_size else "bilinear", align_corners=None if x.shape[-1] > img_size else False)
+        return (x[0] - mean_t) / std_t
+
+    return apply
+
+
+def d4_views(x: torch.Tensor) -> list[torch.Tensor]:
+    """The 8 exact rotations/flips of an NCHW batch (test-time augmentation)."""
+    views = []
+    for flip in (False, True):
+        base = torch.flip(x, dims=(-1,)) if flip else x
+        for k in range(4):
+            views.append(torch.rot90(base, k, dims=(-2, -1)))
+    return views

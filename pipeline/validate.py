@@ -1,0 +1,537 @@
+"""Stage ``validate``: check the prepared dataset with great-expectations before anything trains on it.
+
+Images never go to great-expectations: one streaming pass over the prepared file reduces every image
+to a few scalars (shape, dtype, blank, NaN count, duplicate of an earlier row), and the expectations
+run on that small per-row table, so peak memory is one chunk of images whatever the file size.
+Row indices in the report are positions in the prepared file (the DataFrame keeps a RangeIndex).
+
+Exact duplicates are found in two steps so that the scan is not bound by hashing speed (blake2b
+runs at ~0.8 GB/s a core, well below the read speed of a cached file): a cheap vectorised fingerprint
+of every image (wrapping sum and xor of its words; identical bytes always give identical fingerprints)
+selects candidates, and only candidates are hashed with blake2b and compared. The result is the same
+as hashing every image, because two images that share a blake2b hash share the fingerprint too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import queue
+import threading
+import time
+import warnings
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import h5py
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from pipeline.config import Config
+from pipeline.errors import ConfigError, DataError, ValidationFailed
+from pipeline.io import atomic_write_json, atomic_write_text
+from pipeline.prepare import PreparedDataset
+
+REPORT_FILE = "report.json"
+SUMMARY_FILE = "summary.md"
+
+_DIGEST_SIZE = 16
+# GE's `mostly` compares (n - bad) / n >= mostly in floats; this slack keeps a fraction that is exactly
+# at the configured limit (1 of 3 rows missing with max_missing_coordinates = 1/3) on the passing side.
+_MOSTLY_SLACK = 1e-12
+
+T = TypeVar("T")
+
+log = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------------------------------
+# Scan: images -> per-row scalars
+# ---------------------------------------------------------------------------------------------
+
+
+def _prefetch(items: Iterable[T], depth: int = 1) -> Iterator[T]:
+    """Read the next chunk in a thread while this one is checked (h5py and numpy release the GIL)."""
+    q: queue.Queue[tuple[bool, Any]] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if stop.is_set():
+                    return
+                q.put((True, item))
+            q.put((False, None))
+        except BaseException as exc:  # handed to the consumer, which re-raises it
+            q.put((False, exc))
+
+    thread = threading.Thread(target=produce, name="validate-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            ok, item = q.get()
+            if not ok:
+                if item is not None:
+                    raise item
+                return
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():
+            with contextlib.suppress(queue.Empty):
+                q.get_nowait()
+            thread.join(timeout=0.05)
+
+
+@dataclass
+class ChunkFingerprint:
+    """Per-row wrapping sum and xor of a chunk's bytes read as the widest whole words.
+
+    Identical bytes give identical fingerprints, so the fingerprint can only produce false candidates
+    (confirmed or rejected afterwards), never miss a duplicate or a blank image. Both reductions are
+    single vectorised passes, several times faster than hashing every image.
+    """
+
+    words: np.ndarray  # (k, m) unsigned view of the rows, no copy
+    sums: np.ndarray  # (k,) uint64
+    xors: np.ndarray  # (k,)
+
+    @classmethod
+    def of(cls, flat: np.ndarray) -> ChunkFingerprint:
+        """``flat``: (k, nbytes) C-contiguous uint8, one row per image."""
+        word = next(w for w in (8, 4, 2, 1) if flat.shape[1] % w == 0)
+        words = flat.view(f"<u{word}")
+        return cls(words, np.add.reduce(words, axis=1, dtype=np.uint64), np.bitwise_xor.reduce(words, axis=1))
+
+    def keys(self) -> list[tuple[int, int]]:
+        return list(zip(self.sums.tolist(), self.xors.tolist()))
+
+    def constant_rows(self) -> np.ndarray:
+        """Rows whose words are all equal: exactly the blank images of an integer dtype.
+
+        Equal pixel values repeat with the item size, which divides the word size, so a blank row is
+        one word repeated; its sum and xor are then known from its first word. Only rows with that
+        signature are compared in full.
+        """
+        k, m = self.words.shape
+        out = np.zeros(k, dtype=bool)
+        if m == 0:
+            return out
+        first = self.words[:, 0]
+        expected_xor = first if m % 2 else np.zeros_like(first)
+        signature = (self.sums == first.astype(np.uint64) * np.uint64(m)) & (self.xors == expected_xor)
+        candidates = np.flatnonzero(signature)
+        if candidates.size:
+            rows = self.words[candidates]
+            out[candidates] = (rows == rows[:, :1]).all(axis=1)
+        return out
+
+
+def _digest(row: np.ndarray) -> bytes:
+    return hashlib.blake2b(np.ascontiguousarray(row).data, digest_size=_DIGEST_SIZE).digest()
+
+
+class DuplicateFinder:
+    """Exact duplicate images by content, streaming: row i is a duplicate if an earlier row has its bytes.
+
+    Rows whose fingerprint repeats are hashed with blake2b and compared by digest. ``read_row(i)``
+    re-reads an earlier row's bytes; it is only needed when a fingerprint repeats across chunks, and
+    at most once per distinct content.
+    """
+
+    def __init__(self, read_row: Callable[[int], np.ndarray]) -> None:
+        self._read_row = read_row
+        # fingerprint -> [first row, its blake2b digest or None until needed], one per distinct content
+        self._seen: dict[tuple[int, int], list[list[Any]]] = {}
+        self.hashed = 0
+
+    def add(self, start: int, flat: np.ndarray, fingerprint: ChunkFingerprint) -> np.ndarray:
+        """Rows ``start..`` given as (k, nbytes) uint8; returns the earlier duplicated row of each, or -1."""
+        out = np.full(flat.shape[0], -1, dtype=np.int64)
+        for i, key in enumerate(fingerprint.keys()):
+            entries = self._seen.get(key)
+            if entries is None:
+                self._seen[key] = [[start + i, None]]
+                continue
+            digest = _digest(flat[i])
+            self.hashed += 1
+            for entry in entries:
+                if entry[1] is None:
+                    first = entry[0]
+                    row = flat[first - start] if first >= start else self._read_row(first)
+                    entry[1] = _digest(row)
+                    self.hashed += 1
+                if entry[1] == digest:
+                    out[i] = entry[0]
+                    break
+            else:
+                entries.append([start + i, digest])
+        return out
+
+
+def _shape_facts(shape: tuple[int, ...]) -> tuple[int, int, int]:
+    """(height, width, channels) of one image; a 2-D image has one channel."""
+    height = shape[0] if len(shape) > 0 else 0
+    width = shape[1] if len(shape) > 1 else 0
+    channels = int(np.prod(shape[2:])) if len(shape) > 2 else 1
+    return int(height), int(width), channels
+
+
+def scan(prepared: PreparedDataset, chunk_size: int, *, progress: bool = True) -> pd.DataFrame:
+    """One pass over the prepared file -> one row of scalars per image (no pixels), index = file position."""
+    n = prepared.num_images
+    height, width, channels = _shape_facts(prepared.image_shape)
+    with h5py.File(prepared.path, "r") as h5:
+        images = h5["images"]
+        dtype = images.dtype
+        finder = DuplicateFinder(lambda i: images[i].reshape(-1).view(np.uint8))
+        labels, ids, is_constant, nan_count, duplicate_of = [], [], [], [], []
+        coords: dict[str, list[np.ndarray]] = {"ra": [], "dec": [], "redshift": []}
+        pos = 0
+        with tqdm(total=n, desc="validate", unit="img", disable=not progress, dynamic_ncols=True) as bar:
+            for batch in _prefetch(prepared.iter_batches(chunk_size)):
+                k = len(batch)
+                pixels = np.ascontiguousarray(batch.images).reshape(k, -1)
+                flat = pixels.view(np.uint8).reshape(k, -1)
+                fingerprint = ChunkFingerprint.of(flat)
+                if dtype.kind in "fc":
+                    # By value, not bytes: 0.0 == -0.0, and an image with NaN is not blank but NaN.
+                    is_constant.append(pixels.max(axis=1) == pixels.min(axis=1))
+                    nan_count.append(np.count_nonzero(np.isnan(pixels), axis=1))
+                else:
+                    is_constant.append(fingerprint.constant_rows())
+                    nan_count.append(np.zeros(k, dtype=np.int64))
+                duplicate_of.append(finder.add(pos, flat, fingerprint))
+                labels.append(np.asarray(batch.labels, dtype=np.int64))
+                ids.extend(batch.ids)
+                for name, parts in coords.items():
+                    parts.append(getattr(batch, name))
+                pos += k
+                bar.update(k)
+    if pos != n:
+        raise DataError(f"{prepared.path}: expected {n} images, read {pos}")
+    dup = np.concatenate(duplicate_of) if duplicate_of else np.zeros(0, dtype=np.int64)
+    frame = pd.DataFrame(
+        {
+            "label": np.concatenate(labels) if labels else np.zeros(0, dtype=np.int64),
+            "id": pd.Series(ids, dtype=object),
+            **{name: np.concatenate(parts) if parts else np.zeros(0) for name, parts in coords.items()},
+            "height": np.full(n, height, dtype=np.int64),
+            "width": np.full(n, width, dtype=np.int64),
+            "channels": np.full(n, channels, dtype=np.int64),
+            "dtype": pd.Series([dtype.name] * n, dtype=object),
+            "is_constant": np.concatenate(is_constant) if is_constant else np.zeros(0, dtype=bool),
+            "nan_count": np.concatenate(nan_count).astype(np.int64) if nan_count else np.zeros(0, dtype=np.int64),
+            "is_duplicate": dup >= 0,
+            "duplicate_of": dup,
+        }
+    )
+    frame.attrs["hashed_images"] = finder.hashed
+    return frame
+
+
+# ---------------------------------------------------------------------------------------------
+# Expectations
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Check:
+    """One expectation plus the table it runs on and a stable short name for reports and messages."""
+
+    key: str
+    table: str  # "rows" (examples are row indices) or "classes" (examples are class indices)
+    type: str  # the GE expectation class name
+    column: str
+    kwargs: dict[str, Any]
+    description: str
+
+
+def declared_shape(cfg: Config) -> tuple[int | None, int | None, int]:
+    """The (H, W, C) every image must have; None = any (the rule in ``ValidateConfig.image_shape``)."""
+    shape = cfg.validate_.image_shape
+    if shape is not None:
+        if len(shape) != 3 or any(int(s) <= 0 for s in shape):
+            raise ConfigError(f"validate.image_shape: expected [height, width, channels] > 0, got {shape}")
+        return int(shape[0]), int(shape[1]), int(shape[2])
+    if cfg.data.source == "synthetic":
+        size = cfg.data.synthetic.image_size
+        return size, size, 3
+    return None, None, 3
+
+
+def declared_dtype(cfg: Config) -> str:
+    try:
+        return np.dtype(cfg.validate_.image_dtype).name
+    except TypeError as exc:
+        raise ConfigError(f"validate.image_dtype: {cfg.validate_.image_dtype!r} is not a numpy dtype") from exc
+
+
+def build_checks(cfg: Config, num_rows: int) -> list[Check]:
+    """The expectations of the stage, from the config alone (the data decides only pass or fail)."""
+    vcfg = cfg.validate_
+    num_classes = cfg.data.num_classes
+    mostly_coords = max(0.0, 1.0 - vcfg.max_missing_coordinates - _MOSTLY_SLACK)
+    allowed_dups = min(vcfg.max_duplicate_images, num_rows)
+    # Same arithmetic as GE's success ratio, so exactly `allowed_dups` duplicates passes.
+    mostly_dups = (float(num_rows) - float(allowed_dups)) / float(num_rows) if num_rows else 1.0
+    between, in_set, unique, not_null = (
+        "ExpectColumnValuesToBeBetween",
+        "ExpectColumnValuesToBeInSet",
+        "ExpectColumnValuesToBeUnique",
+        "ExpectColumnValuesToNotBeNull",
+    )
+    checks = [
+        Check("label_range", "rows", between, "label", {"min_value": 0, "max_value": num_classes - 1},
+              f"labels in [0, {num_classes})"),
+    ]
+    if vcfg.require_all_classes:
+        least = max(1, vcfg.min_class_count)
+        checks.append(
+            Check("class_counts", "classes", between, "count", {"min_value": least},
+                  f"every one of the {num_classes} classes has >= {least} images")
+        )
+    checks += [
+        Check("id_unique", "rows", unique, "id", {}, "ids unique"),
+        Check("ra_range", "rows", between, "ra", {"min_value": 0, "max_value": 360, "strict_max": True},
+              "ra in [0, 360) where present"),
+        Check("dec_range", "rows", between, "dec", {"min_value": -90, "max_value": 90},
+              "dec in [-90, 90] where present"),
+        Check("ra_present", "rows", not_null, "ra", {"mostly": mostly_coords},
+              f"at most {vcfg.max_missing_coordinates:.2%} of rows without ra"),
+        Check("dec_present", "rows", not_null, "dec", {"mostly": mostly_coords},
+              f"at most {vcfg.max_missing_coordinates:.2%} of rows without dec"),
+        Check("redshift_nonnegative", "rows", between, "redshift", {"min_value": 0}, "redshift >= 0 where present"),
+    ]
+    height, width, channels = declared_shape(cfg)
+    for column, value in (("height", height), ("width", width), ("channels", channels)):
+        if value is not None:
+            checks.append(Check(f"image_{column}", "rows", in_set, column, {"value_set": [value]}, f"image {column} {value}"))
+    dtype = declared_dtype(cfg)
+    checks += [
+        Check("image_dtype", "rows", in_set, "dtype", {"value_set": [dtype]}, f"image dtype {dtype}"),
+        Check("image_not_constant", "rows", in_set, "is_constant", {"value_set": [False]}, "no blank (constant) images"),
+        Check("image_no_nan", "rows", between, "nan_count", {"min_value": 0, "max_value": 0}, "no NaN pixels"),
+        Check("image_duplicates", "rows", in_set, "is_duplicate", {"value_set": [False], "mostly": mostly_dups},
+              f"at most {vcfg.max_duplicate_images} exact duplicate images"),
+    ]
+    return checks
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """GE logs and warns a lot for a stage whose output should be a progress bar and a verdict."""
+    logger = logging.getLogger("great_expectations")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+def run_checks(checks: list[Check], tables: dict[str, pd.DataFrame], examples: int) -> dict[str, Any]:
+    """Validate each table with its checks in one ephemeral GE context; returns GE results by check key."""
+    with _quiet():
+        import great_expectations as gx
+        from great_expectations.data_context.types.base import ProgressBarsConfig
+
+        context = gx.get_context(mode="ephemeral")
+        # GE draws its own tqdm bar per validation unless told not to.
+        context.variables.progress_bars = ProgressBarsConfig(globally=False)
+        source = context.data_sources.add_pandas("astroflow")
+        # SUMMARY with partial_unexpected_count = examples: GE cuts the index list to the first `examples`.
+        result_format = {"result_format": "SUMMARY", "partial_unexpected_count": examples}
+        results: dict[str, Any] = {}
+        for table, frame in tables.items():
+            table_checks = [c for c in checks if c.table == table]
+            if not table_checks:
+                continue
+            batch_def = source.add_dataframe_asset(table).add_batch_definition_whole_dataframe("all")
+            batch = batch_def.get_batch(batch_parameters={"dataframe": frame})
+            suite = gx.ExpectationSuite(
+                name=f"astroflow-{table}",
+                expectations=[
+                    getattr(gx.expectations, c.type)(column=c.column, meta={"check": c.key}, **c.kwargs)
+                    for c in table_checks
+                ],
+            )
+            outcome = batch.validate(suite, result_format=result_format)
+            for res in outcome.results:
+                results[res.expectation_config.meta["check"]] = res
+    return results
+
+
+def _snake(name: str) -> str:
+    return "".join("_" + ch.lower() if ch.isupper() else ch for ch in name).lstrip("_")
+
+
+def _entry(check: Check, res: Any, tables: dict[str, pd.DataFrame], examples: int) -> dict[str, Any]:
+    result = dict(res.result or {})
+    exception = res.exception_info or {}
+    rows = [int(i) for i in (result.get("partial_unexpected_index_list") or [])][:examples]
+    entry: dict[str, Any] = {
+        "check": check.key,
+        "name": _snake(check.type),
+        "table": check.table,
+        "column": check.column,
+        "kwargs": check.kwargs,
+        "description": check.description,
+        "success": bool(res.success),
+        "element_count": int(result.get("element_count") or 0),
+        "unexpected_count": int(result.get("unexpected_count") or 0),
+        "unexpected_percent": float(result.get("unexpected_percent") or 0.0),
+        "examples": rows,
+    }
+    if check.table == "classes":
+        classes = tables["classes"]
+        entry["example_classes"] = [
+            {"index": i, "name": str(classes.at[i, "name"]), "count": int(classes.at[i, "count"])} for i in rows
+        ]
+    if check.key == "image_duplicates":
+        entry["example_duplicate_of"] = {str(i): int(tables["rows"].at[i, "duplicate_of"]) for i in rows}
+    if exception.get("raised_exception"):
+        entry["success"] = False
+        entry["error"] = str(exception.get("exception_message"))
+    return entry
+
+
+# ---------------------------------------------------------------------------------------------
+# Report
+# ---------------------------------------------------------------------------------------------
+
+
+def _call_text(entry: dict[str, Any]) -> str:
+    """``expect_x(column, k=v)`` with floats shortened (``mostly`` carries a tiny slack)."""
+    args = [entry["column"]] + [
+        f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}" for k, v in entry["kwargs"].items()
+    ]
+    return f"{entry['name']}({', '.join(args)})"
+
+
+def _failure_line(entry: dict[str, Any]) -> str:
+    head = f"{entry['check']}: {_call_text(entry)}"
+    if "error" in entry:
+        return f"{head}: raised {entry['error']}"
+    unit = "classes" if entry["table"] == "classes" else "rows"
+    counts = (
+        f"{entry['unexpected_count']} of {entry['element_count']} {unit} unexpected "
+        f"({entry['unexpected_percent']:.2f}%)"
+    )
+    if entry["table"] == "classes":
+        shown = ", ".join(f"{c['index']} {c['name']!r} ({c['count']} images)" for c in entry["example_classes"])
+        return f"{head}: {counts}; e.g. classes {shown}"
+    if "example_duplicate_of" in entry:
+        shown = ", ".join(f"{r} (= row {d})" for r, d in entry["example_duplicate_of"].items())
+        return f"{head}: {counts}; e.g. rows {shown}"
+    return f"{head}: {counts}; e.g. rows {entry['examples']}"
+
+
+def render_summary(report: dict[str, Any]) -> str:
+    """Short markdown for people: verdict, one line per expectation, class counts, missing coordinates."""
+    status = "PASSED" if report["success"] else "FAILED"
+    lines = [
+        f"# Validation {status}",
+        "",
+        f"{report['num_rows']} images {tuple(report['image_shape'])} {report['image_dtype']}, "
+        f"data hash `{report['data_hash']}`.",
+        "",
+        "| | check | expectation | column | unexpected | examples |",
+        "|---|---|---|---|---|---|",
+    ]
+    for e in report["expectations"]:
+        mark = "✓" if e["success"] else "✗"
+        unexpected = e.get("error") or f"{e['unexpected_count']} ({e['unexpected_percent']:.2f}%)"
+        shown = ", ".join(str(i) for i in e["examples"])
+        lines.append(f"| {mark} | {e['check']} | {e['name']} | {e['column']} | {unexpected} | {shown} |")
+    lines += ["", "## Classes", "", "| class | name | images |", "|---|---|---|"]
+    for i, (name, count) in enumerate(report["class_counts"].items()):
+        lines.append(f"| {i} | {name} | {count} |")
+    missing = report["missing_coordinates"]
+    lines += [
+        "",
+        "## Coordinates and duplicates",
+        "",
+        f"- rows without ra: {missing['ra']}, without dec: {missing['dec']}, without either: {missing['any']} "
+        f"({missing['fraction']:.2%}; limit {report['limits']['max_missing_coordinates']:.2%})",
+        f"- exact duplicate images: {report['duplicate_images']} (limit {report['limits']['max_duplicate_images']})",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def validate(cfg: Config, prepared_path: Path, out_dir: Path, *, progress: bool = True) -> dict[str, Any]:
+    """Stage entry point shared by the CLI, DVC and the flows: scan, check, write the report, pass or raise."""
+    prepared_path = Path(prepared_path)
+    out_dir = Path(out_dir)
+    vcfg = cfg.validate_
+    prepared = PreparedDataset(prepared_path)
+    if prepared.num_images == 0:
+        raise DataError(f"{prepared_path}: the prepared dataset holds no images")
+    class_names = list(cfg.data.class_names)
+    if prepared.class_names != class_names:
+        raise DataError(
+            f"{prepared_path}: prepared with class names {prepared.class_names} but data.class_names is "
+            f"{class_names}; run `astroflow prepare` again"
+        )
+    checks = build_checks(cfg, prepared.num_images)
+
+    t0 = time.perf_counter()
+    rows = scan(prepared, cfg.data.chunk_size, progress=progress)
+    t1 = time.perf_counter()
+    labels = rows["label"].to_numpy()
+    in_range = (labels >= 0) & (labels < len(class_names))
+    counts = np.bincount(labels[in_range], minlength=len(class_names)).astype(np.int64)
+    classes = pd.DataFrame({"name": class_names, "count": counts})
+    tables = {"rows": rows, "classes": classes}
+    results = run_checks(checks, tables, vcfg.examples)
+    t2 = time.perf_counter()
+    log.debug("validate: scan %.2fs (%d blake2b), great-expectations %.2fs", t1 - t0, rows.attrs["hashed_images"], t2 - t1)
+
+    entries = [_entry(c, results[c.key], tables, vcfg.examples) for c in checks]
+    missing_ra = int(rows["ra"].isna().sum())
+    missing_dec = int(rows["dec"].isna().sum())
+    missing_any = int((rows["ra"].isna() | rows["dec"].isna()).sum())
+    report: dict[str, Any] = {
+        "success": all(e["success"] for e in entries),
+        "prepared": str(prepared_path),
+        "num_rows": int(len(rows)),
+        "data_hash": prepared.data_hash,
+        "image_shape": list(prepared.image_shape),
+        "image_dtype": str(rows["dtype"].iat[0]),
+        "class_counts": {name: int(c) for name, c in zip(class_names, classes["count"])},
+        "labels_out_of_range": int((~in_range).sum()),
+        "missing_coordinates": {
+            "ra": missing_ra,
+            "dec": missing_dec,
+            "any": missing_any,
+            "fraction": missing_any / len(rows),
+        },
+        "duplicate_images": int(rows["is_duplicate"].sum()),
+        "constant_images": int(rows["is_constant"].sum()),
+        "nan_images": int((rows["nan_count"] > 0).sum()),
+        "limits": {
+            "max_missing_coordinates": vcfg.max_missing_coordinates,
+            "max_duplicate_images": vcfg.max_duplicate_images,
+            "min_class_count": vcfg.min_class_count,
+            "require_all_classes": vcfg.require_all_classes,
+        },
+        "expectations": entries,
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    report_path = out_dir / REPORT_FILE
+    atomic_write_json(report_path, report)
+    atomic_write_text(out_dir / SUMMARY_FILE, render_summary(report))
+    if not report["success"]:
+        failed = [e for e in entries if not e["success"]]
+        lines = "\n".join(f"  - {_failure_line(e)}" for e in failed)
+        raise ValidationFailed(
+            f"{prepared_path}: {len(failed)} of {len(entries)} expectations failed (report: {report_path}):\n{lines}"
+        )
+    return report

@@ -39,24 +39,30 @@ IMAGE_EXTENSIONS = {"png": "png", "jpg": "jpg", "npy": "npy"}
 def stratified_split(labels: np.ndarray, fractions: dict[str, float], seed: int) -> np.ndarray:
     """Assign each row a split index (position in ``fractions``), stratified by class.
 
-    Per class the counts come from largest remainders, so every class's share of every split is
-    within one sample of ideal; the order within a class is a seeded permutation, so the result
-    depends only on the labels, their order and the seed.
+    Each class gets floor(ideal) rows per split, and its leftover rows go to the splits whose
+    running total over the classes so far lags furthest behind ideal: every class's share of every
+    split is within one sample of ideal, and small classes do not all round the same way (which
+    would leave a split empty). Rows within a class are a seeded permutation, so the result depends
+    only on the labels, their order and the seed.
     """
     labels = np.asarray(labels)
-    names = list(fractions)
-    fr = np.array([fractions[n] for n in names], dtype=np.float64)
+    fr = np.array(list(fractions.values()), dtype=np.float64)
     out = np.empty(len(labels), dtype=np.int8)
+    ideal_total = np.zeros(len(fr))
+    given_total = np.zeros(len(fr))
     for cls in np.unique(labels):
         rows = np.flatnonzero(labels == cls)
         ideal = fr * len(rows)
-        counts = np.floor(ideal).astype(int)
+        counts = np.floor(ideal + 1e-9).astype(int)
         remainder = len(rows) - counts.sum()
-        order = np.argsort(-(ideal - counts), kind="stable")
-        counts[order[:remainder]] += 1
+        ideal_total += ideal
+        deficit = ideal_total - given_total - counts
+        candidates = [i for i in np.argsort(-deficit, kind="stable") if ideal[i] - counts[i] > 1e-9]
+        for i in candidates[:remainder]:
+            counts[i] += 1
+        given_total += counts
         perm = np.random.default_rng([seed, int(cls)]).permutation(rows)
-        bounds = np.cumsum(counts)[:-1]
-        for split_idx, part in enumerate(np.split(perm, bounds)):
+        for split_idx, part in enumerate(np.split(perm, np.cumsum(counts)[:-1])):
             out[part] = split_idx
     return out
 
@@ -134,6 +140,9 @@ def write_shards(
                 maxcount=sc.max_samples_per_shard,
                 maxsize=sc.max_bytes_per_shard,
                 verbose=0,
+                mtime=0.0,  # fixed tar times: the same data and config give byte-identical shards
+                user="astroflow",
+                group="astroflow",
             )
             for name in split_names
         }
@@ -303,7 +312,7 @@ def make_dataset(
     ds = wds.WebDataset(
         urls,
         resampled=resampled,
-        shardshuffle=(shuffle_buffer > 0) and not resampled,
+        shardshuffle=100 if (shuffle_buffer > 0 and not resampled) else False,
         nodesplitter=wds.split_by_node if split_by_node else wds.single_node_only,
         workersplitter=wds.split_by_worker,
         seed=seed,

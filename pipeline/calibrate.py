@@ -17,7 +17,10 @@ SPLIT = "val"
 
 
 def calibrate(cfg: Config, shards_dir: Path, checkpoint: Path, out_path: Path, *, progress: bool = True) -> dict[str, Any]:
-    """Write ``out_path`` (JSON: temperature, ECE and NLL before/after on ``val``) and return it."""
+    """Write ``out_path`` (JSON: temperature, ECE and NLL before/after on ``val``) and return it.
+
+    Disabled calibration still scores ``val`` so the file keeps one schema and reports the raw ECE.
+    """
     from pipeline.checkpoint import model_id
     from pipeline.evaluate import load_and_predict
 
@@ -28,27 +31,20 @@ def calibrate(cfg: Config, shards_dir: Path, checkpoint: Path, out_path: Path, *
         "tta": cfg.evaluate.tta,
         "bins": cfg.calibrate.bins,
     }
-    if not cfg.calibrate.enabled:
-        result.update(
-            temperature=1.0,
-            note="calibrate.enabled is false: temperature fixed at 1.0 (no fit, no validation pass)",
-            num_samples=0,
-            ece_before=None,
-            ece_after=None,
-            nll_before=None,
-            nll_after=None,
-        )
-    else:
-        preds, _, _ = load_and_predict(cfg, shards_dir, checkpoint, SPLIT, progress=progress)
+    preds, _, _ = load_and_predict(cfg, shards_dir, checkpoint, SPLIT, progress=progress)
+    if cfg.calibrate.enabled:
         t = M.fit_temperature(preds.logits, preds.labels, cfg.calibrate.max_iter)
-        bins = cfg.calibrate.bins
-        result.update(
-            temperature=t,
-            num_samples=int(len(preds.labels)),
-            ece_before=M.expected_calibration_error(M.softmax(preds.logits), preds.labels, bins),
-            ece_after=M.expected_calibration_error(M.softmax(preds.logits, t), preds.labels, bins),
-            nll_before=M.nll(preds.logits, preds.labels),
-            nll_after=M.nll(preds.logits, preds.labels, t),
-        )
+    else:
+        t = 1.0
+        result["note"] = "calibrate.enabled is false: temperature fixed at 1.0 (not fitted); ECE/NLL are at T=1"
+    bins = cfg.calibrate.bins
+    result.update(
+        temperature=t,
+        num_samples=int(len(preds.labels)),
+        ece_before=M.expected_calibration_error(M.softmax(preds.logits), preds.labels, bins),
+        ece_after=M.expected_calibration_error(M.softmax(preds.logits, t), preds.labels, bins),
+        nll_before=M.nll(preds.logits, preds.labels),
+        nll_after=M.nll(preds.logits, preds.labels, t),
+    )
     atomic_write_json(out_path, result)
     return result

@@ -118,7 +118,7 @@ class SplitConfig(Section):
 
 class ShardConfig(Section):
     image_format: Literal["png", "jpg", "npy"] = Field("png", description="png and npy are lossless.")
-    png_compress_level: int = Field(1, ge=0, le=9, description="zlib level: 1 is ~5x faster than 6 for ~10% size.")
+    png_compress_level: int = Field(1, ge=0, le=3, description="ISA-L deflate level 0-3 (1: fast, near zlib-6 size on cutouts).")
     jpeg_quality: int = Field(95, ge=1, le=100)
     max_samples_per_shard: int = Field(1000, gt=0)
     max_bytes_per_shard: int = Field(256_000_000, gt=0)
@@ -130,15 +130,17 @@ class ModelConfig(Section):
     pretrained: bool | str = Field(False, description="True: timm's weights (online); a path: a local weights file.")
     img_size: int = Field(64, ge=16)
     drop_path_rate: float = Field(0.2, ge=0, lt=1, description="Stochastic depth.")
+    drop_rate: float = Field(0.0, ge=0, lt=1, description="Dropout before the classifier (the paper's run: 0.1).")
 
 
 class TrainConfig(Section):
     epochs: int = Field(300, gt=0)
-    batch_size: int = Field(256, gt=0)
+    batch_size: int = Field(256, gt=0, description="Per process: the global batch is batch_size x world size.")
     opt: str = Field("lookahead_radam", description="Any timm optimizer name.")
     lr: float = Field(2e-5, gt=0)
     weight_decay: float = Field(1e-2, ge=0)
-    sched: str = Field("cosine", description="Any timm scheduler name.")
+    sched: str = Field("cosine", description="Any timm scheduler name, or 'exponential' (lr * decay_rate ** (step / decay_steps)).")
+    sched_on_updates: bool = Field(False, description="Step the schedule every update instead of every epoch ('exponential' always does).")
     warmup_epochs: int = Field(5, ge=0)
     warmup_lr: float = Field(1e-5, ge=0)
     min_lr: float = Field(1e-6, ge=0)
@@ -210,6 +212,13 @@ class ScheduleConfig(Section):
     timezone: str = "UTC"
     inbox: str = Field("inbox", description="Where new survey inputs arrive (relative to the workdir).")
     cache_root: str = Field("cache", description="Content-addressed artifact store (relative to the workdir).")
+    inbox_settle_s: float = Field(
+        60, ge=0, description="Inbox entries modified more recently than this are left for the next run (uploads in progress)."
+    )
+    lock_timeout_s: float = Field(3600, ge=0, description="How long a nightly run waits for a previous one to finish.")
+    dask_address: str | None = Field(
+        None, description="Dask scheduler for nightly-catalog's per-input tasks; null = threads in the flow's process."
+    )
 
 
 class Config(Section):

@@ -164,7 +164,7 @@ def _read_calibration(path: Path, mid: str, tta: bool) -> float:
         raise DataError(f"{path}: calibration file not found (run `astroflow calibrate` first)")
     cal = read_json(path)
     t = cal.get("temperature")
-    if not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0:
+    if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0:
         raise DataError(f"{path}: field 'temperature' must be a positive number, got {t!r}")
     if cal.get("model_id") != mid:
         raise CheckpointError(f"{path}: calibration is for model {cal.get('model_id')!r}, not {mid!r}; re-run calibrate")
@@ -213,7 +213,6 @@ def evaluate(
             nll_before=summary["nll"],
             nll_after=M.nll(preds.logits, preds.labels, temperature),
         )
-    result["images_per_second"] = preds.images_per_second
     result["per_class"] = per_class
 
     preds_pred = preds.logits.argmax(axis=1)
@@ -285,7 +284,8 @@ def plot_confusion(cm: np.ndarray, class_names: Sequence[str], path: Path, *, ti
             if cm[i, j] == 0 and i != j:
                 continue
             colour = "white" if frac[i, j] > 0.55 else "black"
-            ax.text(j, i, f"{cm[i, j]}\n{frac[i, j]:.0%}", ha="center", va="center", color=colour,
+            share = "<1%" if 0 < frac[i, j] < 0.005 else f"{frac[i, j]:.0%}"
+            ax.text(j, i, f"{cm[i, j]}\n{share}", ha="center", va="center", color=colour,
                     fontsize=count_size, linespacing=1.1)
     ax.set_xticks(range(n), labels=list(class_names), rotation=40, ha="right", rotation_mode="anchor")
     ax.set_yticks(range(n), labels=[f"{c} ({s})" for c, s in zip(class_names, support)])
@@ -299,7 +299,7 @@ def plot_confusion(cm: np.ndarray, class_names: Sequence[str], path: Path, *, ti
         ax.set_title(title, fontsize=10)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png")
+    fig.savefig(path, format="png", bbox_inches="tight", pad_inches=0.2)
 
 
 def _md(text: Any) -> str:

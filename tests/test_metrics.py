@@ -108,7 +108,7 @@ def test_entropy_bounds() -> None:
 
 
 def test_fit_temperature_undoes_overconfidence() -> None:
-    logits, labels = _calibrated_model(1, 20_000)
+    logits, labels = _calibrated_model(1, 10_000)
     t = M.fit_temperature(5 * logits, labels, max_iter=100)
     assert t > 1
     assert t == pytest.approx(5.0, rel=0.1)
@@ -120,7 +120,7 @@ def test_fit_temperature_undoes_overconfidence() -> None:
 
 
 def test_fit_temperature_underconfident_model_gets_t_below_one() -> None:
-    logits, labels = _calibrated_model(2, 20_000)
+    logits, labels = _calibrated_model(2, 5_000)
     assert M.fit_temperature(logits / 3, labels) < 1
 
 

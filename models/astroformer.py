@@ -22,7 +22,7 @@ from typing import Any, Dict, Tuple
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.maxxvit import MaxxVit, MaxxVitCfg, checkpoint_filter_fn
 
-__all__ = ['ASTROFORMER_STACK', 'model_cfgs']
+__all__ = ['ASTROFORMER_MODELS', 'ASTROFORMER_STACK', 'model_cfgs']
 
 ASTROFORMER_STACK = ('C', 'C', 'C', 'T')
 
@@ -48,6 +48,8 @@ model_cfgs: Dict[str, MaxxVitCfg] = dict(
     astroformer_4=_astro_cfg((192, 384, 768, 1536), (2, 12, 28, 2), stem_width=192),
     astroformer_5=_astro_cfg((256, 512, 1280, 2048), (2, 12, 28, 2), stem_width=192),
 )
+
+ASTROFORMER_MODELS: Tuple[str, ...] = tuple(model_cfgs)
 
 
 def _create_astroformer(variant: str, pretrained: bool = False, **kwargs: Any) -> MaxxVit:

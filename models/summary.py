@@ -93,7 +93,7 @@ def create_model(
         kwargs['drop_path_rate'] = drop_path_rate
     kwargs['num_classes'] = num_classes
 
-    if pretrained is False or pretrained is None:
+    if not pretrained:
         return timm.create_model(name, **kwargs)
 
     if pretrained is True:
@@ -113,7 +113,8 @@ def create_model(
     cfg = get_pretrained_cfg(name)
     classifier = cfg.classifier if cfg is not None else None
     classifiers = (classifier,) if isinstance(classifier, str) else tuple(classifier or ())
-    overlay = dict(file=str(path), num_classes=_file_num_classes(path, classifiers))
+    overlay = dict(kwargs.pop('pretrained_cfg_overlay', None) or {})
+    overlay.update(file=str(path), num_classes=_file_num_classes(path, classifiers))
     return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
 
 
@@ -147,15 +148,10 @@ def count_macs(model: torch.nn.Module, img_size: int, in_chans: int = 3) -> int:
     return counter.get_total_flops() // 2
 
 
-def describe_model(name: str, *, img_size: int, num_classes: int) -> Dict[str, Any]:
-    """Params, GMACs and block stack of ``name`` built for ``num_classes`` and measured at ``img_size``.
-
-    Models that take ``img_size`` are built for it. Others are built without it and measured at ``img_size``;
-    if their forward rejects that size they are measured at their default input size, and the returned
-    ``img_size`` is always the size actually measured.
-    """
-    model = create_model(name, num_classes=num_classes, img_size=img_size)
-    params = sum(p.numel() for p in model.parameters())
+def _describe(name: str, img_size: int, num_classes: int, device: torch.device) -> Dict[str, Any]:
+    """One ``describe_model`` row, with the model built on ``device``."""
+    with device:
+        model = create_model(name, num_classes=num_classes, img_size=img_size)
     measured = img_size
     try:
         macs = count_macs(model, img_size)
@@ -166,11 +162,25 @@ def describe_model(name: str, *, img_size: int, num_classes: int) -> Dict[str, A
         macs = count_macs(model, measured)
     return {
         'name': name,
-        'params': params,
+        'params': sum(p.numel() for p in model.parameters()),
         'gmacs': macs / 1e9,
         'img_size': measured,
         'stack': block_stack(model),
     }
+
+
+def describe_model(name: str, *, img_size: int, num_classes: int) -> Dict[str, Any]:
+    """Params, GMACs and block stack of ``name`` built for ``num_classes`` and measured at ``img_size``.
+
+    Models that take ``img_size`` are built for it. Others are built without it and measured at ``img_size``;
+    if their forward rejects that size they are measured at their default input size, and the returned
+    ``img_size`` is always the size actually measured. Built on the meta device, so even astroformer_5 costs
+    no memory and no compute; models that cannot run there are measured on the CPU.
+    """
+    try:
+        return _describe(name, img_size, num_classes, torch.device('meta'))
+    except (NotImplementedError, RuntimeError):
+        return _describe(name, img_size, num_classes, torch.device('cpu'))
 
 
 def format_table(rows: List[Dict[str, Any]]) -> str:

@@ -15,6 +15,7 @@ field, scaled by the local Poisson + sky variance.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from collections.abc import Callable, Sequence
@@ -23,25 +24,17 @@ from pathlib import Path
 
 import numpy as np
 
-CLASS_NAMES: tuple[str, ...] = (
-    "Disturbed",
-    "Merging",
-    "Round Smooth",
-    "In-between Round Smooth",
-    "Cigar Shaped Smooth",
-    "Barred Spiral",
-    "Unbarred Tight Spiral",
-    "Unbarred Loose Spiral",
-    "Edge-on without Bulge",
-    "Edge-on with Bulge",
-)
+from pipeline.config import GALAXY10_CLASS_NAMES
+
+CLASS_NAMES: tuple[str, ...] = GALAXY10_CLASS_NAMES
 GALAXY10_COUNTS: tuple[int, ...] = (1081, 1853, 2645, 2027, 334, 2043, 1829, 2628, 1423, 1873)
 PXSCALE: float = 0.262  # arcsec / px, DECals
 NUM_CLASSES: int = len(GALAXY10_COUNTS)
 
+_MIN_SIZE = 16
 _REF_SIZE = 256.0  # all lengths below are in pixels of a 256 px cutout, scaled by size / 256
-_THRESH = 0.2  # surface brightness (sky-sigma units) where smooth profiles are truncated
-_BLUR_HALF = 80.0  # half-width (ref px) of the central region that gets the matrix PSF blur
+_THRESH = 0.2  # surface brightness (sky sigma at 256 px) where profiles are truncated
+_BLUR_HALF = 64.0  # half-side (ref px) of a square region with the blur cost cap
 
 _RED = np.array([1.28, 1.0, 0.70], np.float32)  # old stars: bulges, ellipticals
 _YELLOW = np.array([1.12, 1.0, 0.86], np.float32)
@@ -69,11 +62,11 @@ def _sersic_b(n: float) -> float:
     return 2.0 * n - 1.0 / 3.0 + 0.009876 / n
 
 
-def _sersic_extent(re: float, n: float, ie: float) -> float:
+def _sersic_extent(re: float, n: float, ie: float, thresh: float) -> float:
     """Radius where the profile falls to the truncation threshold."""
-    if ie <= _THRESH:
+    if ie <= thresh:
         return re
-    return re * (1.0 + math.log(ie / _THRESH) / _sersic_b(n)) ** n
+    return re * (1.0 + math.log(ie / thresh) / _sersic_b(n)) ** n
 
 
 class _Scene:
@@ -86,6 +79,7 @@ class _Scene:
         self.painters: list[tuple[float, float, float, Painter]] = []  # (cx, cy, extent, paint)
         self.blobs: list[tuple[float, float, float, float, float, float, np.ndarray]] = []
         self.psf = rng.uniform(1.4, 2.4) * self.s  # sigma, px: FWHM ~0.9-1.5 arcsec
+        self.thresh = _THRESH * self.s  # sky noise scales with size (see render_galaxy)
         c = (size - 1) / 2.0
         jit = np.clip(rng.normal(0.0, 1.5 * self.s, 2), -4 * self.s, 4 * self.s)
         self.cx, self.cy = c + float(jit[0]), c + float(jit[1])
@@ -102,14 +96,14 @@ class _Scene:
         floor = max(0.05 * re, 0.25) ** 2
 
         def paint(acc: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
-            dx, dy = x - cx, y - cy
-            u = dx * cos + dy * sin
-            v = (dy * cos - dx * sin) * (1.0 / q)
-            lr = np.log((u * u + v * v + floor) * (1.0 / (re * re)))
-            prof = np.exp(np.exp(lr * (0.5 * inv_n)) * -b + b)
-            acc += col3 * prof
+            lr = np.log(_quadratic(x - cx, y - cy, pa, 1.0 / re**2, 1.0 / (q * re) ** 2, floor / re**2))
+            lr *= 0.5 * inv_n
+            prof = np.exp(lr)
+            prof *= -b
+            prof += b
+            acc += col3 * np.exp(prof, out=prof)
 
-        self.add_painter(cx, cy, _sersic_extent(re, n, ie), paint)
+        self.add_painter(cx, cy, _sersic_extent(re, n, ie, self.thresh), paint)
 
     def disk(
         self,
@@ -131,15 +125,20 @@ class _Scene:
         Angles come from direction cosines (no arctan2: it is the slowest ufunc here).
         """
         cos, sin = math.cos(pa), math.sin(pa)
-        extent = h * math.log(max(i0 / _THRESH, 1.5))
+        extent = h * math.log(max(i0 / self.thresh, 1.5))
         col_d = col_disk[:, None, None] * np.float32(i0)
 
         def paint(acc: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
             dx, dy = x - cx, y - cy
+            if arms is None and bar is None and ring is None:
+                t = _quadratic(dx, dy, pa, 1.0 / h**2, 1.0 / (q * h) ** 2, 0.25 / h**2)
+                np.sqrt(t, out=t)
+                t *= -1.0
+                acc += col_d * np.exp(t, out=t)
+                return
             ud = dx * cos + dy * sin
             vd = (dy * cos - dx * sin) * (1.0 / q)
-            r2 = ud * ud + vd * vd + 0.25
-            r = np.sqrt(r2)
+            r = np.sqrt(ud * ud + vd * vd + 0.25)
             base = np.exp(r * (-1.0 / h))
             if arms is None:
                 acc += col_d * base
@@ -177,16 +176,12 @@ class _Scene:
 
     def dust_lane(self, cx: float, cy: float, pa: float, width: float, depth: float, extent: float) -> None:
         """Multiplicative dust lane along the major axis; blue light is absorbed more."""
-        cos, sin = math.cos(pa), math.sin(pa)
-        tau = np.array([0.75, 0.9, 1.1], np.float32)[:, None, None] * np.float32(depth)
+        tau = np.array([0.75, 0.9, 1.1], np.float32)[:, None, None] * np.float32(-depth)
 
         def paint(acc: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
-            dx, dy = x - cx, y - cy
-            u = dx * cos + dy * sin
-            v = dy * cos - dx * sin
-            along = np.exp((u * (1.0 / extent)) ** 2 * -1.0)
-            lane = np.exp((v * (1.0 / width)) ** 2 * -0.5) * along
-            acc *= 1.0 - tau * lane
+            lane = _quadratic(x - cx, y - cy, pa, -1.0 / extent**2, -0.5 / width**2, 0.0)
+            np.exp(lane, out=lane)
+            acc *= tau * lane + 1.0
 
         self.add_painter(cx, cy, 0.0, paint)
 
@@ -254,24 +249,59 @@ class _Scene:
                     paint(box, xs, ys)
                 self._blur(flux, x0, x1, y0, y1)
         for blob in self.blobs:
-            _add_blob(flux, coords, blob, psf)
+            _add_blob(flux, coords, blob, psf, self.thresh)
         return _finish(flux, self.rng, sky, gain, stretch)
 
     def _blur(self, flux: np.ndarray, x0: int, x1: int, y0: int, y1: int) -> None:
         """Separable Gaussian PSF as two matrix products on the central part of the galaxy box.
 
-        Rows are renormalised so the blurred region joins the unblurred outskirts without a step.
+        The region is capped (GEMM cost grows as side^3); beyond it profiles are faint and
+        smooth. Kernel rows are renormalised so the blurred region joins the rest without a step.
         """
-        half = _BLUR_HALF * self.s
-        c = (self.size - 1) / 2.0
-        bx0, bx1 = max(x0, int(c - half)), min(x1, int(c + half) + 1)
-        by0, by1 = max(y0, int(c - half)), min(y1, int(c + half) + 1)
-        if bx1 - bx0 < 3 or by1 - by0 < 3:
+        h, w = y1 - y0, x1 - x0
+        cap = (2 * _BLUR_HALF * self.s + 1) ** 3 * 2
+        if h * w * (h + w) > cap:
+            f = (cap / (h * w * (h + w))) ** (1.0 / 3.0)
+            ch, cw = max(int(h * f), 3), max(int(w * f), 3)
+            y0, x0 = y0 + (h - ch) // 2, x0 + (w - cw) // 2
+            h, w = ch, cw
+        if h < 3 or w < 3:
             return
-        h, w = by1 - by0, bx1 - bx0
-        region = np.ascontiguousarray(flux[:, by0:by1, bx0:bx1])  # BLAS needs contiguous operands
-        rows = (region.reshape(3 * h, w) @ _blur_matrix(w, self.psf)).reshape(3, h, w)
-        flux[:, by0:by1, bx0:bx1] = np.matmul(_blur_matrix(h, self.psf), rows)
+        region = np.ascontiguousarray(flux[:, y0 : y0 + h, x0 : x0 + w])  # BLAS needs contiguous operands
+        rows = (region.reshape(3 * h, w) @ _blur_matrix(w, self.psf).T).reshape(3, h, w)
+        flux[:, y0 : y0 + h, x0 : x0 + w] = np.matmul(_blur_matrix(h, self.psf), rows)
+
+
+def _quadratic(dx: np.ndarray, dy: np.ndarray, pa: float, a: float, b: float, c: float) -> np.ndarray:
+    """``a u^2 + b v^2 + c`` on the (len(dy), len(dx)) grid, u/v along/across position angle ``pa``.
+
+    Expanded in dx, dy so only three full-grid operations are needed (the rest is 1-D).
+    """
+    cos, sin = math.cos(pa), math.sin(pa)
+    out = (dy * (2.0 * cos * sin * (a - b))) * dx
+    out += (a * cos * cos + b * sin * sin) * dx * dx
+    out += (a * sin * sin + b * cos * cos) * dy * dy + c
+    return out
+
+
+@lru_cache(maxsize=1)
+def _blas_controller() -> object | None:
+    try:
+        from threadpoolctl import ThreadpoolController
+    except ImportError:
+        return None
+    return ThreadpoolController()
+
+
+def _single_thread_blas() -> contextlib.AbstractContextManager:
+    """Keep the small blur GEMMs on one thread.
+
+    Why: multi-threaded OpenBLAS on ~150 px matrices is a loss, and on a busy machine its
+    spinning threads made one blur 100x slower (2 ms -> 200 ms). threadpoolctl ships with
+    scikit-learn; without it generation still works, only less robustly fast.
+    """
+    ctl = _blas_controller()
+    return contextlib.nullcontext() if ctl is None else ctl.limit(limits=1, user_api="blas")
 
 
 @lru_cache(maxsize=8)
@@ -283,30 +313,35 @@ def _coords(size: int) -> np.ndarray:
 
 
 @lru_cache(maxsize=64)
-def _sqdist(n: int) -> np.ndarray:
-    i = np.arange(n, dtype=np.float32)
-    d = (i[:, None] - i[None, :]) ** 2
+def _absdiff(n: int) -> np.ndarray:
+    i = np.arange(n)
+    d = np.abs(i[:, None] - i[None, :])
     d.setflags(write=False)
     return d
 
 
 def _blur_matrix(n: int, sigma: float) -> np.ndarray:
-    k = np.exp(_sqdist(n) * np.float32(-0.5 / (sigma * sigma)))
-    k /= k.sum(axis=1, keepdims=True)
-    return k
+    """Row-normalised Gaussian Toeplitz matrix: ``K @ x`` blurs along x's first axis."""
+    k = np.exp(np.arange(n, dtype=np.float32) ** 2 * np.float32(-0.5 / (sigma * sigma)))
+    c = np.cumsum(k)
+    i = np.arange(n)
+    rowsum = c[i] + c[n - 1 - i] - k[0]
+    return np.take(k, _absdiff(n)) / rowsum[:, None]
 
 
-def _add_blob(flux: np.ndarray, coords: np.ndarray, blob: tuple, psf: float) -> None:
+def _add_blob(flux: np.ndarray, coords: np.ndarray, blob: tuple, psf: float, thresh: float) -> None:
     """Add one PSF-convolved elliptical Gaussian inside its own small window."""
     x, y, a, b, pa, total, col = blob
     a2, b2 = a * a + psf * psf, b * b + psf * psf
-    half = 3.5 * math.sqrt(max(a2, b2))
+    amp = total / (2.0 * math.pi * math.sqrt(a2 * b2))
+    if amp <= thresh * 0.5:
+        return
+    half = math.sqrt(max(a2, b2) * 2.0 * math.log(amp / (thresh * 0.5)))  # where it fades below threshold
     size = flux.shape[1]
     x0, x1 = max(int(x - half), 0), min(int(x + half) + 2, size)
     y0, y1 = max(int(y - half), 0), min(int(y + half) + 2, size)
     if x1 <= x0 or y1 <= y0:
         return
-    amp = total / (2.0 * math.pi * math.sqrt(a2 * b2))
     dx, dy = coords[None, x0:x1] - x, coords[y0:y1, None] - y
     if abs(a2 - b2) < 1e-6:
         g = np.exp(dx * dx * (-0.5 / a2)) * np.exp(dy * dy * (-0.5 / a2))
@@ -341,37 +376,41 @@ def _noise_bank(size: int) -> np.ndarray:
 def _finish(flux: np.ndarray, rng: np.random.Generator, sky: np.ndarray, gain: float, stretch: tuple[float, float, float]) -> np.ndarray:
     """Add sky + Poisson noise, then an asinh (Lupton) stretch to 8-bit RGB like DECals previews."""
     size = flux.shape[1]
-    bank = _noise_bank(size)
     oy, ox = (int(v) for v in rng.integers(0, size + 1, 2))
-    flip = int(rng.integers(0, 8))
+    flip = int(rng.integers(0, 4))
     perm = rng.permutation(3)
+    bank = _noise_bank(size)
+    rows = slice(oy + size - 1, oy - 1 if oy else None, -1) if flip & 1 else slice(oy, oy + size)
+    cols = slice(ox + size - 1, ox - 1 if ox else None, -1) if flip & 2 else slice(ox, ox + size)
     inv_gain = np.float32(1.0 / gain)
-    for c in range(3):
-        n = bank[perm[c], oy : oy + size, ox : ox + size]
-        if flip & 1:
-            n = n[::-1]
-        if flip & 2:
-            n = n[:, ::-1]
-        if flip & 4:
-            n = n.T
-        f = flux[c]
-        var = np.maximum(f, 0.0) * inv_gain + np.float32(sky[c] ** 2)
-        f += np.sqrt(var) * n
+    for c in range(3):  # flux >= 0 here (positive kernels, dust transmits), so no clipping needed
+        sigma = flux[c] * inv_gain
+        sigma += np.float32(sky[c] ** 2)
+        np.sqrt(sigma, out=sigma)
+        sigma *= bank[perm[c], rows, cols]
+        flux[c] += sigma
     pedestal, beta, top = stretch
     flux += np.float32(pedestal)
-    lum = flux.sum(axis=0) * np.float32(1.0 / 3.0)
+    lum = flux[0] + flux[1]
+    lum += flux[2]
     np.maximum(lum, np.float32(1e-3), out=lum)
-    z = lum * np.float32(1.0 / beta)
-    scale = np.log(z + np.sqrt(z * z + 1.0)) / lum * np.float32(255.0 / math.asinh(top / beta))
+    z = lum * np.float32(1.0 / (3.0 * beta))
+    scale = np.log(z + np.sqrt(z * z + 1.0))
+    scale /= lum
+    scale *= np.float32(3.0 * 255.0 / math.asinh(top / beta))
     flux *= scale
     np.clip(flux, 0.0, 255.0, out=flux)
-    return np.ascontiguousarray(flux.transpose(1, 2, 0)).astype(np.uint8)
+    out = np.empty((size, size, 3), np.uint8)
+    for c in range(3):  # channel by channel: ~5x faster than a transposing copy
+        out[..., c] = flux[c]
+    return out
 
 
 # ---- class recipes ----------------------------------------------------------------------
 
 
 def _smooth(sc: _Scene, q_range: tuple[float, float], n_range: tuple[float, float], col_base: np.ndarray) -> None:
+    """Featureless Sersic galaxy; the three smooth classes differ only in axis-ratio and index ranges."""
     rng, s = sc.rng, sc.s
     re = _loguniform(rng, 10.0, 30.0) * s
     n = rng.uniform(*n_range)
@@ -390,7 +429,7 @@ def _spiral(sc: _Scene, kind: str) -> None:
     alpha = rng.uniform(0, 2 * math.pi)
     hand = 1.0 if rng.random() < 0.5 else -1.0
     if kind == "tight":
-        pitch, m = rng.uniform(7.0, 19.0), (2 if rng.random() < 0.75 else 3)
+        pitch, m = rng.uniform(9.0, 20.0), (2 if rng.random() < 0.75 else 3)
         re_b, ib = rng.uniform(0.25, 0.5) * h, rng.uniform(1.0, 3.0) * i0
         amp, sharp = rng.uniform(0.55, 0.85), int(rng.integers(1, 3))
         r0 = rng.uniform(1.2, 2.0) * re_b
@@ -428,7 +467,7 @@ def _spiral(sc: _Scene, kind: str) -> None:
     bar = None
     ring = None
     if kind == "barred":
-        bar = {"alpha": alpha, "q": rng.uniform(0.18, 0.35), "len": r0, "i": rng.uniform(0.5, 1.3) * i0, "col": _colour(rng, _YELLOW)}
+        bar = {"alpha": alpha, "q": rng.uniform(0.15, 0.3), "len": r0, "i": rng.uniform(0.8, 2.0) * i0, "col": _colour(rng, _YELLOW)}
         if rng.random() < 0.3:
             ring = {"r": r0 * rng.uniform(0.95, 1.1), "w": rng.uniform(1.0, 2.0) * s, "i": rng.uniform(0.2, 0.5) * i0, "col": _colour(rng, _BLUE)}
     col_disk = _colour(rng, _mix(_YELLOW, _WHITE, rng.uniform(0, 1)))
@@ -454,6 +493,7 @@ def _knots(sc: _Scene, arms: dict, pa: float, q: float, h: float, i0: float, n: 
 
 
 def _edge_on(sc: _Scene, bulge: bool) -> None:
+    """Thin exponential disk seen edge-on, often with a dust lane; ``bulge`` adds a rounder red centre."""
     rng, s = sc.rng, sc.s
     pa = rng.uniform(0, math.pi)
     h = _loguniform(rng, 14.0, 30.0) * s
@@ -512,7 +552,7 @@ def _merging(sc: _Scene) -> None:
             float(rng.choice([-1.0, 1.0])) * rng.uniform(0.6, 1.8),
             int(rng.integers(10, 18)),
             (rng.uniform(1.5, 3.0) * s, rng.uniform(3.0, 6.0) * s),
-            rng.uniform(0.6, 2.0),
+            rng.uniform(1.0, 3.0),
             _colour(rng, _mix(_WHITE, _BLUE, 0.5)),
         )
     if rng.random() < 0.4:
@@ -524,28 +564,36 @@ def _merging(sc: _Scene) -> None:
 
 
 def _disturbed(sc: _Scene) -> None:
+    """One nucleus with asymmetric light: shells/plumes, a clumpy irregular, or a lopsided disk."""
     rng, s = sc.rng, sc.s
     off = rng.uniform(0, 2 * math.pi)
     co, so = math.cos(off), math.sin(off)
-    if rng.random() < 0.35:
+    kind = rng.random()
+    if kind < 0.35:  # post-merger elliptical with shells and plumes
+        re, ie = _loguniform(rng, 10.0, 24.0) * s, _loguniform(rng, 2.0, 8.0)
+        sc.sersic(sc.cx, sc.cy, re, rng.uniform(2.0, 4.0), rng.uniform(0.6, 1.0), rng.uniform(0, math.pi), ie, _colour(rng, _RED))
+        n_clumps, env = int(rng.integers(0, 4)), rng.uniform(0.1, 0.3)
+        side = off
+        for k in range(int(rng.integers(1, 4))):
+            sc.shell(sc.cx, sc.cy, (1.6 + 0.9 * k + rng.uniform(0, 0.5)) * re, rng.uniform(1.5, 3.5) * s, side + rng.normal(0, 0.3), rng.uniform(0.3, 0.8) * ie, _colour(rng, _YELLOW))
+            side += math.pi
+    elif kind < 0.7:  # clumpy irregular
+        re, ie = _loguniform(rng, 10.0, 24.0) * s, _loguniform(rng, 1.5, 5.0)
+        sc.sersic(sc.cx, sc.cy, re, rng.uniform(0.6, 1.5), rng.uniform(0.4, 1.0), rng.uniform(0, math.pi), ie, _colour(rng, _mix(_YELLOW, _BLUE, rng.uniform(0.3, 1.0))))
+        n_clumps, env = int(rng.integers(5, 15)), rng.uniform(0.3, 0.8)
+    else:  # lopsided one-armed disk
         _spiral(sc, "one")
-        re = 10.0 * s
-        ie = 2.0
-    else:
-        re = _loguniform(rng, 10.0, 26.0) * s
-        ie = _loguniform(rng, 1.5, 6.0)
-        sc.sersic(sc.cx, sc.cy, re, rng.uniform(0.7, 2.5), rng.uniform(0.4, 1.0), rng.uniform(0, math.pi), ie, _colour(rng, _mix(_YELLOW, _BLUE, rng.uniform(0, 0.7))))
-    d = rng.uniform(0.4, 1.2) * re
-    sc.sersic(sc.cx + co * d, sc.cy + so * d, rng.uniform(1.3, 2.5) * re, 1.0, rng.uniform(0.35, 0.9), rng.uniform(0, math.pi), rng.uniform(0.15, 0.5) * ie, _colour(rng, _mix(_YELLOW, _BLUE, 0.5)))
-    for _ in range(int(rng.integers(3, 11))):
-        ang = off + rng.normal(0, 0.9)
-        r = rng.uniform(0.3, 2.0) * re
+        re, ie = 14.0 * s, 3.0  # nominal scale for the asymmetric add-ons below
+        n_clumps, env = int(rng.integers(2, 7)), rng.uniform(0.2, 0.5)
+    d = rng.uniform(0.5, 1.3) * re
+    sc.sersic(sc.cx + co * d, sc.cy + so * d, rng.uniform(1.2, 2.2) * re, 1.0, rng.uniform(0.35, 0.9), rng.uniform(0, math.pi), env * ie, _colour(rng, _mix(_YELLOW, _BLUE, 0.5)))
+    for _ in range(n_clumps):
+        ang = off + rng.normal(0, 1.0)
+        r = rng.uniform(0.2, 1.8) * re
         w = rng.uniform(1.0, 3.5) * s
-        sc.blob(sc.cx + r * math.cos(ang), sc.cy + r * math.sin(ang), w, w * rng.uniform(0.6, 1.0), rng.uniform(0, math.pi), ie * rng.uniform(1.0, 5.0) * 2 * math.pi * w * w, _colour(rng, _BLUE, 0.1))
+        sc.blob(sc.cx + r * math.cos(ang), sc.cy + r * math.sin(ang), w, w * rng.uniform(0.5, 1.0), rng.uniform(0, math.pi), ie * rng.uniform(1.5, 6.0) * 2 * math.pi * w * w, _colour(rng, _BLUE, 0.1))
     if rng.random() < 0.35:
-        sc.shell(sc.cx, sc.cy, rng.uniform(1.5, 3.0) * re, rng.uniform(1.5, 4.0) * s, rng.uniform(0, 2 * math.pi), rng.uniform(0.3, 1.0) * ie, _colour(rng, _YELLOW))
-    if rng.random() < 0.35:
-        sc.arc(sc.cx, sc.cy, re, rng.uniform(2.0, 4.0) * re, off + rng.normal(0, 0.5), rng.choice([-1, 1]) * rng.uniform(0.3, 1.2), int(rng.integers(6, 12)), (2.0 * s, 5.0 * s), rng.uniform(0.3, 1.0) * ie, _colour(rng, _mix(_WHITE, _BLUE, 0.4)))
+        sc.arc(sc.cx, sc.cy, re, rng.uniform(2.0, 4.0) * re, off + rng.normal(0, 0.5), float(rng.choice([-1.0, 1.0])) * rng.uniform(0.3, 1.2), int(rng.integers(6, 12)), (2.0 * s, 5.0 * s), rng.uniform(0.4, 1.2) * ie, _colour(rng, _mix(_WHITE, _BLUE, 0.4)))
 
 
 def _field(sc: _Scene) -> None:
@@ -564,9 +612,13 @@ def render_galaxy(label: int, rng: np.random.Generator, size: int = 256) -> np.n
     """One (size, size, 3) uint8 RGB cutout of Galaxy10 class ``label``, drawn from ``rng``."""
     if not 0 <= int(label) < NUM_CLASSES:
         raise ValueError(f"label must be in [0, {NUM_CLASSES}), got {label}")
-    if size < 16:
-        raise ValueError(f"size must be >= 16, got {size}")
-    label = int(label)
+    if size < _MIN_SIZE:
+        raise ValueError(f"size must be >= {_MIN_SIZE}, got {size}")
+    with _single_thread_blas():
+        return _render(int(label), rng, size)
+
+
+def _render(label: int, rng: np.random.Generator, size: int) -> np.ndarray:
     sc = _Scene(size, rng)
     if label == 0:
         _disturbed(sc)
@@ -587,9 +639,12 @@ def render_galaxy(label: int, rng: np.random.Generator, size: int = 256) -> np.n
     else:
         _edge_on(sc, bulge=label == 9)
     _field(sc)
-    sky = rng.uniform(0.85, 1.15, 3) * rng.uniform(0.8, 1.3)
+    # Pixels of a smaller cutout average (256 / size)^2 DECals pixels: noise drops by size / 256.
+    k = sc.s
+    sky = rng.uniform(0.85, 1.15, 3) * rng.uniform(0.8, 1.3) * k
+    gain = rng.uniform(0.5, 3.0) / (k * k)
     stretch = (rng.uniform(0.8, 2.0), rng.uniform(2.0, 4.0), _loguniform(rng, 150.0, 600.0))
-    return sc.render(sky, rng.uniform(0.5, 3.0), stretch)
+    return sc.render(sky, gain, stretch)
 
 
 # ---- data-set API -------------------------------------------------------------------------
@@ -614,14 +669,16 @@ def _row_label(rng: np.random.Generator, cdf: np.ndarray) -> int:
     return min(int(np.searchsorted(cdf, rng.random(), side="right")), NUM_CLASSES - 1)
 
 
-def _check_range(n: int, seed: int, start: int) -> None:
+def _check_args(n: int, seed: int, start: int, size: int = _MIN_SIZE) -> None:
     if n < 0 or start < 0 or seed < 0:
         raise ValueError(f"n, start and seed must be >= 0, got n={n}, start={start}, seed={seed}")
+    if size < _MIN_SIZE:
+        raise ValueError(f"size must be >= {_MIN_SIZE}, got {size}")
 
 
 def draw_labels(n: int, *, seed: int = 0, start: int = 0, class_weights: Sequence[float] | None = None) -> np.ndarray:
     """Labels of rows start..start+n, identical to ``generate_arrays(...)["ans"]`` but without rendering."""
-    _check_range(n, seed, start)
+    _check_args(n, seed, start)
     cdf = _label_cdf(class_weights)
     return np.array([_row_label(_row_rng(seed, i), cdf) for i in range(start, start + n)], dtype=np.uint8)
 
@@ -635,12 +692,13 @@ def generate_arrays(
     class_weights: Sequence[float] | None = None,
 ) -> dict[str, np.ndarray]:
     """Rows start..start+n of the deterministic synthetic sequence for ``seed``, in Galaxy10 layout."""
-    _check_range(n, seed, start)
+    _check_args(n, seed, start, size)
     cdf = _label_cdf(class_weights)
     images = np.empty((n, size, size, 3), np.uint8)
     out = {name: np.empty(n, np.float64) for name in ("ra", "dec", "redshift", "pxscale")}
     ans = np.empty(n, np.uint8)
     sin_lo, sin_hi = math.sin(math.radians(-25.0)), math.sin(math.radians(35.0))  # DECaLS-like footprint
+    pxscale = PXSCALE * _REF_SIZE / size  # the cutout always spans 256 DECals pixels of sky
     for k in range(n):
         rng = _row_rng(seed, start + k)
         label = _row_label(rng, cdf)
@@ -648,7 +706,7 @@ def generate_arrays(
         out["ra"][k] = rng.uniform(0.0, 360.0)
         out["dec"][k] = math.degrees(math.asin(rng.uniform(sin_lo, sin_hi)))
         out["redshift"][k] = 0.004 + rng.gamma(2.2, 0.03)
-        out["pxscale"][k] = PXSCALE
+        out["pxscale"][k] = pxscale
         images[k] = render_galaxy(label, rng, size)
     return {"images": images, "ans": ans, **out}
 
@@ -673,6 +731,7 @@ def write_synthetic_h5(
 
     if n <= 0 or chunk <= 0:
         raise ValueError(f"n and chunk must be > 0, got n={n}, chunk={chunk}")
+    _check_args(n, seed, 0, size)
     _label_cdf(class_weights)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

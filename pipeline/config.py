@@ -200,6 +200,9 @@ class PredictConfig(Section):
     backend: Literal["torch", "onnx"] = "torch"
     amp: Literal["none", "bf16", "fp16"] = "none"
     device: str = "auto"
+    threads: int = Field(
+        0, ge=0, description="CPU threads for inference (torch and onnxruntime); 0 = one per core not taken by a worker."
+    )
 
 
 class RegistryConfig(Section):

@@ -1,0 +1,463 @@
+"""The Prefect flows under ``prefect_test_harness``: stage cache hits and misses, promotion, artifacts,
+the nightly catalog (new inputs only, re-runs, two runs at once, the Dask task runner).
+
+One tiny real training run (synthetic 32 px images, astroformer_pico, one epoch, under torchrun) is shared
+by the module; everything else reuses its cache directories and its production model.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+from uuid import UUID
+
+import pandas as pd
+import pytest
+import yaml
+
+from flows import config_from_parameters
+from flows.cache import MARKER, STAGES, StageDir, plan_keys, run_stage, stage_key
+from flows.nightly_catalog import (
+    LOCK_FILE,
+    STATE_FILE,
+    NightlyBusy,
+    catalog_lock,
+    dask_task_runner,
+    nightly_catalog,
+    scan_inbox,
+)
+from flows.train_pipeline import TrainingFailed, stream_command, torchrun_command, train_pipeline
+from pipeline import registry as reg
+from pipeline.catalog import read_predictions
+from pipeline.config import (
+    ModelConfig,
+    PredictConfig,
+    ScheduleConfig,
+    SplitConfig,
+    TrainConfig,
+    load_config,
+)
+from pipeline.errors import ConfigError
+from pipeline.layout import Layout
+from tests.conftest import make_galaxy10_h5
+
+TINY = {
+    "data": {"synthetic": {"num_images": 120, "image_size": 32}},
+    "shard": {"workers": 1, "max_samples_per_shard": 50},
+    "model": {"name": "astroformer_pico", "img_size": 32},
+    "train": {
+        "epochs": 1, "batch_size": 16, "warmup_epochs": 0, "workers": 0, "shuffle_buffer": 64,
+        "randaugment": None, "mixup_alpha": 0.0, "device": "cpu", "max_steps_per_epoch": 2,
+    },
+    "evaluate": {"workers": 0, "batch_size": 32, "device": "cpu"},
+    "predict": {"workers": 0, "batch_size": 16, "chunk_size": 16, "device": "cpu"},
+    "registry": {"metric": "top1"},
+    "schedule": {"inbox_settle_s": 0, "lock_timeout_s": 120},
+}
+
+
+# ------------------------------------------------------------------ no Prefect needed
+
+
+def test_parameters_override_only_the_fields_they_set(tmp_path: Path) -> None:
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({**TINY, "split": {"seed": 3}}))
+    cfg = config_from_parameters("params.yaml", tmp_path, {"train": TrainConfig(epochs=3), "split": SplitConfig()})
+    assert cfg.train.epochs == 3
+    assert cfg.train.batch_size == 16 and cfg.model.img_size == 32  # the rest of train and other sections: the file
+    assert cfg.split.seed == 3  # a section left at its default does not reset the file's values
+    # A section parsed from JSON (how the UI and the API send it) counts its keys as set.
+    ui = TrainConfig.model_validate({"epochs": 2, "batch_size": 8})
+    cfg = config_from_parameters(str(tmp_path / "params.yaml"), tmp_path, {"train": ui})
+    assert (cfg.train.epochs, cfg.train.batch_size, cfg.train.warmup_epochs) == (2, 8, 0)
+    with pytest.raises(ConfigError, match="params file not found"):
+        config_from_parameters("missing.yaml", tmp_path, {})
+
+
+@pytest.mark.parametrize(
+    ("override", "changed"),
+    [
+        ("train.lr=0.1", {"train", "calibrate", "evaluate"}),
+        ("model.drop_path_rate=0.3", {"train", "calibrate", "evaluate"}),
+        ("split.seed=7", {"shard", "train", "calibrate", "evaluate"}),
+        ("shard.image_format=npy", {"shard", "train", "calibrate", "evaluate"}),
+        ("validate.min_class_count=2", {"validate", "shard", "train", "calibrate", "evaluate"}),
+        ("data.synthetic.seed=5", set(STAGES)),
+        ("calibrate.max_iter=50", {"calibrate", "evaluate"}),
+        ("evaluate.tta=true", {"calibrate", "evaluate"}),
+        ("predict.batch_size=7", set()),
+        ("registry.metric=top1", set()),
+    ],
+)
+def test_stage_keys_follow_the_sections_each_stage_reads(tmp_path: Path, override: str, changed: set[str]) -> None:
+    layout = Layout(tmp_path)
+    before = plan_keys(load_config(None), layout)
+    after = plan_keys(load_config(None, [override]), layout)
+    assert {s for s in STAGES if before[s] != after[s]} == changed
+    assert plan_keys(load_config(None), layout) == before  # deterministic
+
+
+def test_file_source_identity_is_part_of_the_prepare_key(tmp_path: Path) -> None:
+    src = tmp_path / "g10.h5"
+    make_galaxy10_h5(src, n=20)
+    cfg = load_config(None, ["data.source=h5", f"data.path={src}"])
+    before = plan_keys(cfg, Layout(tmp_path))
+    make_galaxy10_h5(src, n=21)
+    after = plan_keys(cfg, Layout(tmp_path))
+    assert all(before[s] != after[s] for s in STAGES)
+    with pytest.raises(ValueError, match="needs the keys"):
+        stage_key("train", cfg, {})
+
+
+def test_run_stage_commits_only_complete_directories(tmp_path: Path) -> None:
+    where = StageDir(tmp_path, "train", "k1")
+    calls = []
+
+    def broken(out: Path) -> dict[str, Any]:
+        (out / "half.bin").write_bytes(b"x")
+        raise RuntimeError("killed mid-stage")
+
+    def good(out: Path) -> dict[str, Any]:
+        calls.append(out)
+        (out / "model.bin").write_bytes(b"weights")
+        return {"loss": 0.5}
+
+    with pytest.raises(RuntimeError, match="killed"):
+        run_stage(where, broken)
+    assert not where.path.exists() and where.complete() is None
+    assert not [p for p in where.path.parent.iterdir() if p.name.endswith(".tmp")]
+
+    record, hit = run_stage(where, good, inputs={"shard": "s1"})
+    assert not hit and record["summary"] == {"loss": 0.5} and record["inputs"] == {"shard": "s1"}
+    assert (where.path / "model.bin").read_bytes() == b"weights" and (where.path / MARKER).is_file()
+    again, hit = run_stage(where, good)
+    assert hit and again["token"] == record["token"] and len(calls) == 1
+    assert where.prefect_key() == f"astroflow-train-k1-{record['token']}"
+
+
+def test_torchrun_command_and_log_tail(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = load_config(None, ["train.nproc_per_node=4"])
+    cmd = torchrun_command(cfg, tmp_path / "p.yaml", tmp_path / "shards", tmp_path / "out", run_id="abc")
+    assert cmd[1:3] == ["-m", "torch.distributed.run"]
+    assert "--nproc-per-node=4" in cmd and "--standalone" in cmd
+    assert cmd[cmd.index("-m", 3) + 1] == "pipeline.train"
+    multi = load_config(None, ["train.nnodes=2"])
+    monkeypatch.delenv("ASTROFLOW_RDZV_ENDPOINT", raising=False)
+    with pytest.raises(ConfigError, match="ASTROFLOW_RDZV_ENDPOINT"):
+        torchrun_command(multi, tmp_path / "p.yaml", tmp_path, tmp_path, run_id="abc")
+    monkeypatch.setenv("ASTROFLOW_RDZV_ENDPOINT", "node0:29400")
+    cmd = torchrun_command(multi, tmp_path / "p.yaml", tmp_path, tmp_path, run_id="abc")
+    assert "--rdzv-endpoint=node0:29400" in cmd and "--nnodes=2" in cmd and "--standalone" not in cmd
+
+    lines: list[str] = []
+
+    class Sink:
+        def info(self, fmt: str, *args: Any) -> None:
+            lines.append(fmt % args)
+
+    script = "import sys\nfor i in range(100): print(f'step {i}')\nsys.exit(3)"
+    with pytest.raises(TrainingFailed, match="status 3") as err:
+        stream_command([sys.executable, "-c", script], Sink())
+    assert "step 99" in str(err.value) and "step 10\n" not in str(err.value)  # the tail, not the whole log
+    assert "step 0" in lines[1] and "step 99" in lines[-1]  # every line reached the logger, in order
+
+
+def test_inbox_scan_skips_partial_and_processed_entries(tmp_path: Path) -> None:
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    make_galaxy10_h5(inbox / "a.h5", n=5)
+    make_galaxy10_h5(inbox / "b.h5", n=5)
+    (inbox / "c.h5.part").write_bytes(b"uploading")
+    (inbox / ".hidden.h5").write_bytes(b"x")
+    (inbox / "notes.txt").write_text("not an input")
+    new, skipped = scan_inbox(inbox, {}, settle_s=0)
+    assert [e.name for e in new] == ["a.h5", "b.h5"]
+    assert [s["input"] for s in skipped] == ["notes.txt"]
+    processed = {new[0].key: {}}
+    assert [e.name for e in scan_inbox(inbox, processed, settle_s=0)[0]] == ["b.h5"]
+    new_soon, skipped_soon = scan_inbox(inbox, {}, settle_s=3600)
+    assert not new_soon and {s["input"] for s in skipped_soon} == {"a.h5", "b.h5", "notes.txt"}
+    make_galaxy10_h5(inbox / "a.h5", n=6)  # a replaced file is a new input
+    assert "a.h5" in [e.name for e in scan_inbox(inbox, processed, settle_s=0)[0]]
+
+
+# ------------------------------------------------------------------ flows against a test server
+
+
+@pytest.fixture(scope="module")
+def harness() -> Any:
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("flows")
+    (root / "params.yaml").write_text(yaml.safe_dump(TINY))
+    return root
+
+
+def _run_train(workdir: Path, **sections: Any) -> tuple[Any, dict[str, Any]]:
+    state = train_pipeline(base_params="params.yaml", workdir=str(workdir), return_state=True, **sections)
+    return state, (state.result() if state.is_completed() else {})
+
+
+@pytest.fixture(scope="module")
+def first_run(harness: Any, workdir: Path) -> tuple[Any, dict[str, Any]]:
+    return _run_train(workdir)
+
+
+def _flow_run_id(state: Any) -> UUID:
+    return state.state_details.flow_run_id
+
+
+def _logs(flow_run_id: UUID, needle: str, expected: int, timeout: float = 30) -> list[str]:
+    """Log messages of a flow run (and its tasks) containing ``needle``, waiting for the batched log shipper."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    deadline = time.monotonic() + timeout
+    while True:
+        found: list[str] = []
+        with get_client(sync_client=True) as client:
+            for offset in range(0, 10_000, 200):
+                page = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])), limit=200, offset=offset)
+                found += [log.message for log in page if needle in log.message]
+                if len(page) < 200:
+                    break
+        if len(found) >= expected or time.monotonic() > deadline:
+            return found
+        time.sleep(0.5)
+
+
+def _artifacts(flow_run_id: UUID) -> dict[str, Any]:
+    """The run's artifacts by key, flow-level and task-level, as the UI's artifact tab lists them."""
+    from prefect.client.orchestration import get_client
+
+    # The client's read_artifacts sends task_runs={} when given any filter, which keeps only task-level artifacts.
+    body = {"artifacts": {"flow_run_id": {"any_": [str(flow_run_id)]}}, "sort": "CREATED_DESC", "limit": 100, "offset": 0}
+    with get_client(sync_client=True) as client:
+        arts = client.request("POST", "/artifacts/filter", json=body).json()
+    return {a["key"]: a for a in arts}
+
+
+def test_first_run_builds_every_stage_and_promotes(first_run: tuple[Any, dict[str, Any]], workdir: Path) -> None:
+    state, result = first_run
+    assert state.is_completed(), state.message
+    assert not any(s["hit"] for s in result["stages"].values())
+    for stage, s in result["stages"].items():
+        assert StageDir(workdir / "cache", stage, s["key"]).complete() is not None
+    assert result["promoted"] and result["decision"]["reason"] == "there is no production model yet"
+    root = workdir / "registry"
+    assert reg.production_id(root) == result["model_id"] == result["production_id"]
+    from pipeline.checkpoint import model_id
+
+    assert model_id(reg.production_checkpoint(root)) == result["model_id"]
+    metrics, lineage = reg.read_record(reg.production_dir(root))
+    assert lineage["stage_keys"] == {s: v["key"] for s, v in result["stages"].items()}
+    assert lineage["config_hash"] == result["config_hash"]
+    prepared = StageDir(workdir / "cache", "prepare", result["stages"]["prepare"]["key"]).complete()
+    assert lineage["data_hash"] == prepared["summary"]["data_hash"]
+    assert lineage["metrics"]["top1"] == metrics["top1"] == result["metrics"]["top1"]
+    assert "git_commit" in lineage["code"] and lineage["config"]["train"]["epochs"] == 1
+
+    arts = _artifacts(_flow_run_id(state))
+    assert {"retrain-metrics", "retrain-per-class", "retrain-report", "retrain-confusion-matrix", "model-registry"} <= set(arts)
+    table = {row["metric"]: row["value"] for row in json.loads(arts["retrain-metrics"]["data"])}
+    assert table["top1"] == pytest.approx(metrics["top1"]) and table["macro_f1"] == pytest.approx(metrics["macro_f1"])
+    per_class = json.loads(arts["retrain-per-class"]["data"])
+    assert [row["class"] for row in per_class] == list(metrics["per_class"])
+    assert "data:image/png;base64," in arts["retrain-report"]["data"] and "Per class" in arts["retrain-report"]["data"]
+    assert arts["retrain-confusion-matrix"]["data"].startswith("data:image/png;base64,")
+    assert len(_logs(_flow_run_id(state), "cache miss", len(STAGES))) == len(STAGES)
+
+
+def test_same_parameters_reuse_every_artifact(first_run: tuple[Any, dict[str, Any]], workdir: Path) -> None:
+    _, first = first_run
+    markers = {s: (Path(v["path"]) / MARKER).read_text() for s, v in first["stages"].items()}
+    state, second = _run_train(workdir)
+    assert state.is_completed(), state.message
+    assert all(s["hit"] for s in second["stages"].values())
+    assert {s: v["key"] for s, v in second["stages"].items()} == {s: v["key"] for s, v in first["stages"].items()}
+    assert {s: (Path(v["path"]) / MARKER).read_text() for s, v in second["stages"].items()} == markers  # nothing rebuilt
+    hits = _logs(_flow_run_id(state), "cache hit", len(STAGES))
+    assert sorted(m.split()[2] for m in hits) == sorted(STAGES)
+    assert second["model_id"] == first["model_id"] and not second["promoted"]
+    assert "already" in second["decision"]["reason"]
+
+    # From now on Prefect holds records under the same keys: its own cache answers, tasks end "Cached".
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.client.schemas.sorting import TaskRunSort
+
+    state3, third = _run_train(workdir)
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[_flow_run_id(state3)])),
+            sort=TaskRunSort.EXPECTED_START_TIME_ASC,
+            limit=50,
+        )
+    by_name = {r.name.split("-")[0]: r.state.name for r in runs}
+    assert all(by_name[s] == "Cached" for s in STAGES), by_name
+    assert third["model_id"] == first["model_id"]
+
+
+def test_training_parameter_reuses_shards_and_retrains(first_run: tuple[Any, dict[str, Any]], workdir: Path) -> None:
+    _, first = first_run
+    state, result = _run_train(workdir, train=TrainConfig(seed=1))
+    assert state.is_completed(), state.message
+    assert {s: v["hit"] for s, v in result["stages"].items()} == {
+        "prepare": True, "validate": True, "shard": True, "train": False, "calibrate": False, "evaluate": False,
+    }
+    assert result["stages"]["shard"]["path"] == first["stages"]["shard"]["path"]
+    assert result["model_id"] != first["model_id"]
+    # The rule, not the test, decides which model is in production: strictly better on registry.metric wins.
+    better = result["metrics"]["top1"] > first["metrics"]["top1"]
+    assert result["promoted"] is better
+    assert reg.production_id(workdir / "registry") == (result["model_id"] if better else first["model_id"])
+    assert (workdir / "registry" / reg.CANDIDATES / result["model_id"] / reg.LINEAGE_FILE).is_file()
+
+
+def test_failed_training_fails_the_task_with_the_log_tail(first_run: tuple[Any, dict[str, Any]], workdir: Path) -> None:
+    state, _ = _run_train(workdir, model=ModelConfig(name="no_such_model_anywhere"))
+    assert state.is_failed()
+    with pytest.raises(TrainingFailed) as err:
+        state.result()
+    assert "exited with status" in str(err.value) and "no_such_model_anywhere" in str(err.value)
+    cfg = config_from_parameters("params.yaml", workdir, {"model": ModelConfig(name="no_such_model_anywhere")})
+    key = plan_keys(cfg, Layout(workdir))["train"]
+    assert StageDir(workdir / "cache", "train", key).complete() is None
+    assert not [p for p in (workdir / "cache" / "train").iterdir() if p.name.startswith(f".{key}.") and p.name.endswith(".tmp")]
+
+
+# ------------------------------------------------------------------ nightly catalog
+
+
+def _nightly(workdir: Path, name: str, **kw: Any) -> tuple[Any, dict[str, Any]]:
+    state = nightly_catalog(
+        predict=PredictConfig(output=f"catalogs/{name}"),
+        schedule=kw.pop("schedule", ScheduleConfig(inbox=f"inboxes/{name}")),
+        base_params="params.yaml",
+        workdir=str(workdir),
+        return_state=True,
+        **kw,
+    )
+    return state, (state.result() if state.is_completed() else {})
+
+
+def _inbox(workdir: Path, name: str, sizes: dict[str, int]) -> Path:
+    inbox = workdir / "inboxes" / name
+    inbox.mkdir(parents=True, exist_ok=True)
+    for i, (fname, n) in enumerate(sizes.items()):
+        make_galaxy10_h5(inbox / fname, n=n, size=32, seed=100 + i)
+    return inbox
+
+
+def test_nightly_classifies_each_new_input_once(first_run: tuple[Any, dict[str, Any]], workdir: Path) -> None:
+    _inbox(workdir, "once", {"a.h5": 20, "b.h5": 30})
+    state, s = _nightly(workdir, "once")
+    assert state.is_completed(), state.message
+    catalog = workdir / "catalogs" / "once"
+    df = read_predictions(catalog)
+    assert len(df) == 50 == s["rows_written"] == s["catalog_rows"]
+    assert sorted(Path(p).name for p in df["source_file"].unique()) == ["a.h5", "b.h5"]
+    assert set(df["model_id"]) == {reg.production_id(workdir / "registry")} == {s["model_id"]}
+    assert not df.duplicated(["source_file", "source_row"]).any()
+    arts = _artifacts(_flow_run_id(state))
+    assert "nightly-catalog-summary" in arts and "| 2 | 2 | 0 | 0 | 50 | 50 |" in arts["nightly-catalog-summary"]["data"]
+
+    state, s = _nightly(workdir, "once")
+    assert state.is_completed() and s["new_inputs"] == 0 and s["rows_written"] == 0
+    assert len(read_predictions(catalog)) == 50
+
+    _inbox(workdir, "once", {"c.h5": 7})
+    state, s = _nightly(workdir, "once")
+    assert [r["input"] for r in s["classified"]] == ["c.h5"] and s["catalog_rows"] == 57
+
+
+def test_failed_nightly_run_is_completed_by_a_rerun(first_run: tuple[Any, dict[str, Any]], workdir: Path) -> None:
+    inbox = _inbox(workdir, "rerun", {"good.h5": 12})
+    (inbox / "broken.h5").write_bytes(b"not an hdf5 file at all")
+    state, _ = _nightly(workdir, "rerun")
+    assert state.is_failed() and "broken.h5" in state.message
+    catalog = workdir / "catalogs" / "rerun"
+    assert len(read_predictions(catalog)) == 12
+    assert len(yaml.safe_load((catalog / STATE_FILE).read_text())["inputs"]) == 1
+
+    make_galaxy10_h5(inbox / "broken.h5", n=9, size=32, seed=5)  # the upload is repaired
+    state, s = _nightly(workdir, "rerun")
+    assert state.is_completed(), state.message
+    assert [r["input"] for r in s["classified"]] == ["broken.h5"]
+    df = read_predictions(catalog)
+    assert len(df) == 21 and not df.duplicated(["source_file", "source_row"]).any()
+
+
+def test_two_nightly_runs_at_once_classify_each_input_once(first_run: tuple[Any, dict[str, Any]], workdir: Path) -> None:
+    _inbox(workdir, "twice", {"a.h5": 16, "b.h5": 16, "c.h5": 16})
+    results: list[tuple[Any, dict[str, Any]]] = []
+    threads = [threading.Thread(target=lambda: results.append(_nightly(workdir, "twice"))) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(state.is_completed() for state, _ in results), [state.message for state, _ in results]
+    assert sorted(s["new_inputs"] for _, s in results) == [0, 3]  # the second run waited, then found nothing new
+    df = read_predictions(workdir / "catalogs" / "twice")
+    assert len(df) == 48 and not df.duplicated(["source_file", "source_row"]).any()
+
+
+def test_a_held_lock_makes_the_run_wait_then_give_up(first_run: tuple[Any, dict[str, Any]], workdir: Path) -> None:
+    _inbox(workdir, "locked", {"a.h5": 4})
+    catalog = workdir / "catalogs" / "locked"
+    with catalog_lock(catalog, timeout_s=0):
+        state, _ = _nightly(workdir, "locked", schedule=ScheduleConfig(inbox="inboxes/locked", lock_timeout_s=1))
+    assert state.is_failed()
+    with pytest.raises(NightlyBusy):
+        state.result()
+    assert (catalog / LOCK_FILE).exists() and not (catalog / STATE_FILE).exists()
+
+
+def test_dask_runner_builds_the_same_catalog(first_run: tuple[Any, dict[str, Any]], workdir: Path) -> None:
+    _inbox(workdir, "dask", {"a.h5": 18, "b.h5": 22})
+    state, threads_summary = _nightly(workdir, "dask")
+    assert state.is_completed(), state.message
+    on_dask = nightly_catalog.with_options(task_runner=dask_task_runner(n_workers=2))
+    state = on_dask(
+        predict=PredictConfig(output="catalogs/dask-cluster"),
+        schedule=ScheduleConfig(inbox="inboxes/dask"),
+        base_params="params.yaml",
+        workdir=str(workdir),
+        return_state=True,
+    )
+    assert state.is_completed(), state.message
+    dask_summary = state.result()
+    assert dask_summary["rows_written"] == threads_summary["rows_written"] == 40
+    cols = lambda df: df.drop(columns=["run_ts"]).sort_values(["source_file", "source_row"]).reset_index(drop=True)  # noqa: E731
+    pd.testing.assert_frame_equal(
+        cols(read_predictions(workdir / "catalogs" / "dask")), cols(read_predictions(workdir / "catalogs" / "dask-cluster"))
+    )
+
+
+def test_serve_builds_both_deployments(tmp_path: Path) -> None:
+    from flows.serve import build_deployments
+
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({**TINY, "schedule": {"nightly_cron": "30 3 * * 1-5", "timezone": "Europe/Berlin"}}))
+    cfg = load_config(tmp_path / "params.yaml")
+    retrain, nightly = build_deployments(cfg, Layout(tmp_path), None)
+    assert (retrain.name, nightly.name) == ("retrain", "nightly-catalog")
+    assert not retrain.schedules
+    (sched,) = nightly.schedules
+    assert (sched.schedule.cron, sched.schedule.timezone) == ("30 3 * * 1-5", "Europe/Berlin")
+    assert nightly.concurrency_limit == 1 and nightly.concurrency_options.collision_strategy == "ENQUEUE"
+    assert retrain.parameters["train"] == cfg.to_dict()["train"] and retrain.parameters["validate"] == cfg.to_dict()["validate"]
+    assert retrain.parameters["base_params"] == str(tmp_path / "params.yaml")
+    assert set(nightly.parameters) == {"predict", "schedule", "registry", "base_params", "workdir"}
+    props = retrain._parameter_openapi_schema.properties
+    assert {"data", "validate", "split", "shard", "model", "train", "evaluate", "calibrate", "registry"} <= set(props)
+    assert props["train"]["$ref"].endswith("TrainConfig")
+

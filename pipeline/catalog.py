@@ -1,0 +1,313 @@
+"""The Parquet catalog ``predict`` writes: schema, run partitions, completion records, errors table.
+
+Layout under the catalog root (``docs/catalog.md``)::
+
+    catalog.json                                  schema version and class names (fixed per root)
+    predictions/run=<run_id>/part-<chunk>.parquet one file per committed chunk
+    errors/run=<run_id>/part-<chunk>.parquet      images that could not be classified
+    runs/<run_id>/run.json                        what the run is: model, input, settings, start time
+    runs/<run_id>/chunks/<chunk>.json             completion record of each committed chunk
+    runs/<run_id>/summary.json                    counts of the whole run, rewritten at each finish
+
+A chunk is committed by writing its Parquet files (each atomically, under a name fixed by the chunk
+index) and then its completion record: a chunk without a record is redone and its files replaced, so
+a killed run never leaves duplicate rows. File names fixed per chunk, not per attempt, are what
+makes that true even when the kill lands between the data and the record.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import re
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+
+from pipeline.config import GALAXY10_CLASS_NAMES
+from pipeline.errors import DataError
+from pipeline.io import atomic_path, atomic_write_json, read_json
+
+SCHEMA_VERSION = 1
+PREDICTIONS, ERRORS, RUNS = "predictions", "errors", "runs"
+CATALOG_META = "catalog.json"
+PARTITION = "run"
+TIMESTAMP = pa.timestamp("us", tz="UTC")
+
+
+def prob_column(class_name: str) -> str:
+    """``prob_`` + the class name in snake case: 'Edge-on with Bulge' -> 'prob_edge_on_with_bulge'."""
+    return "prob_" + (re.sub(r"[^0-9a-z]+", "_", class_name.lower()).strip("_") or "class")
+
+
+def prob_columns(class_names: Sequence[str]) -> list[str]:
+    """One probability column per class, in class-index order; made unique by the index if names collide."""
+    cols = [prob_column(c) for c in class_names]
+    return [f"{c}_{i}" if cols.count(c) > 1 else c for i, c in enumerate(cols)]
+
+
+def prediction_schema(class_names: Sequence[str]) -> pa.Schema:
+    """The schema of every predictions file for a model with these classes (the run partition excluded)."""
+    fields = [
+        pa.field("id", pa.string(), nullable=False),
+        pa.field("source_file", pa.string(), nullable=False),
+        pa.field("source_row", pa.int64()),
+        pa.field("ra", pa.float64()),
+        pa.field("dec", pa.float64()),
+        pa.field("pred_label", pa.int32(), nullable=False),
+        pa.field("pred_class", pa.string(), nullable=False),
+        *(pa.field(c, pa.float32(), nullable=False) for c in prob_columns(class_names)),
+        pa.field("max_prob", pa.float32(), nullable=False),
+        pa.field("entropy", pa.float32(), nullable=False),
+        pa.field("model_id", pa.string(), nullable=False),
+        pa.field("tta", pa.bool_(), nullable=False),
+        pa.field("temperature", pa.float64(), nullable=False),
+        pa.field("run_ts", TIMESTAMP, nullable=False),
+    ]
+    meta = {"astroflow.schema_version": str(SCHEMA_VERSION), "astroflow.class_names": json.dumps(list(class_names))}
+    return pa.schema(fields, metadata=meta)
+
+
+ERROR_SCHEMA = pa.schema(
+    [
+        pa.field("id", pa.string(), nullable=False),
+        pa.field("source_file", pa.string(), nullable=False),
+        pa.field("source_row", pa.int64()),
+        pa.field("reason", pa.string(), nullable=False),
+        pa.field("model_id", pa.string(), nullable=False),
+        pa.field("run_ts", TIMESTAMP, nullable=False),
+    ],
+    metadata={"astroflow.schema_version": str(SCHEMA_VERSION)},
+)
+
+#: The catalog schema for the Galaxy10 DECals classes (the default model).
+GALAXY10_SCHEMA = prediction_schema(GALAXY10_CLASS_NAMES)
+
+
+def with_partition(schema: pa.Schema) -> pa.Schema:
+    """The schema a reader of the whole dataset sees: the file schema plus the ``run`` partition column."""
+    return schema.append(pa.field(PARTITION, pa.string()))
+
+
+def _partitioning() -> pads.Partitioning:
+    return pads.partitioning(pa.schema([(PARTITION, pa.string())]), flavor="hive")
+
+
+def _part_name(chunk_index: int) -> str:
+    return f"part-{chunk_index:06d}.parquet"
+
+
+def _utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+class Catalog:
+    """A catalog root: every run's partitions plus the one schema they share."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+
+    @property
+    def meta_path(self) -> Path:
+        return self.root / CATALOG_META
+
+    def class_names(self) -> list[str] | None:
+        return list(read_json(self.meta_path)["class_names"]) if self.meta_path.is_file() else None
+
+    def schema(self) -> pa.Schema:
+        names = self.class_names()
+        if names is None:
+            raise DataError(f"{self.root}: not a catalog ({CATALOG_META} missing)")
+        return prediction_schema(names)
+
+    def ensure_classes(self, class_names: Sequence[str]) -> None:
+        """Fix the schema at the first run; refuse a model whose classes would change it."""
+        existing = self.class_names()
+        if existing is None:
+            atomic_write_json(
+                self.meta_path,
+                {
+                    "schema_version": SCHEMA_VERSION,
+                    "class_names": list(class_names),
+                    "prob_columns": prob_columns(class_names),
+                    "partitioning": f"hive ({PARTITION}=<run_id>)",
+                },
+            )
+        elif existing != list(class_names):
+            raise DataError(
+                f"{self.meta_path}: this catalog holds classes {existing}, the model has {list(class_names)}; "
+                "write to another catalog root"
+            )
+
+    def run_ids(self) -> list[str]:
+        runs = self.root / RUNS
+        return sorted(p.name for p in runs.iterdir() if (p / "run.json").is_file()) if runs.is_dir() else []
+
+    def runs(self) -> list[dict[str, Any]]:
+        """Every run's record plus its summary when it has one, oldest first."""
+        out = []
+        for rid in self.run_ids():
+            rec = read_json(self.root / RUNS / rid / "run.json")
+            summary = self.root / RUNS / rid / "summary.json"
+            rec["summary"] = read_json(summary) if summary.is_file() else None
+            out.append(rec)
+        return sorted(out, key=lambda r: r.get("started_at", ""))
+
+    @contextmanager
+    def open_run(self, run_id: str, meta: dict[str, Any]) -> Iterator[Run]:
+        """The run ``run_id``, created with ``meta`` if new, locked against a second writer while open."""
+        run = Run(self, run_id)
+        run.dir.mkdir(parents=True, exist_ok=True)
+        with _lock(run.dir / ".lock", run_id):
+            if not run.meta_path.is_file():
+                atomic_write_json(run.meta_path, {"run_id": run_id, "started_at": _utcnow().isoformat(), **meta})
+            run.clean_temporaries()
+            yield run
+
+
+@contextmanager
+def _lock(path: Path, run_id: str) -> Iterator[None]:
+    """An exclusive POSIX record lock on the run.
+
+    The OS drops it when the process dies, so a SIGKILL never leaves it stale; unlike ``flock`` it is
+    not inherited by forked DataLoader workers, which may outlive a killed parent by a few seconds.
+    """
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no cross-process guard
+        yield
+        return
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise DataError(f"run {run_id} is being written by another process ({path})") from None
+        yield
+    finally:
+        os.close(fd)
+
+
+class Run:
+    """One run partition: its record, its completion records, and the chunk commit."""
+
+    def __init__(self, catalog: Catalog, run_id: str) -> None:
+        self.catalog = catalog
+        self.run_id = run_id
+        self.dir = catalog.root / RUNS / run_id
+        self.meta_path = self.dir / "run.json"
+        self.chunks_dir = self.dir / "chunks"
+        self.predictions_dir = catalog.root / PREDICTIONS / f"{PARTITION}={run_id}"
+        self.errors_dir = catalog.root / ERRORS / f"{PARTITION}={run_id}"
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        return read_json(self.meta_path)
+
+    @property
+    def started_at(self) -> dt.datetime:
+        return dt.datetime.fromisoformat(self.meta["started_at"])
+
+    def clean_temporaries(self) -> None:
+        """Remove half-written files a killed process left (only ever called under the run lock)."""
+        for d in (self.predictions_dir, self.errors_dir, self.chunks_dir, self.dir):
+            if d.is_dir():
+                for p in d.glob(".*.tmp"):
+                    p.unlink(missing_ok=True)
+
+    def completed(self) -> dict[int, dict[str, Any]]:
+        """Completion records by chunk index."""
+        if not self.chunks_dir.is_dir():
+            return {}
+        out = {}
+        for p in self.chunks_dir.glob("*.json"):
+            rec = read_json(p)
+            out[int(rec["index"])] = rec
+        return out
+
+    def commit(self, index: int, chunk_id: str, predictions: pa.Table, errors: pa.Table, extra: dict[str, Any]) -> dict[str, Any]:
+        """Write the chunk's rows, then its completion record: the record is the commit point."""
+        name = _part_name(index)
+        for table, directory in ((predictions, self.predictions_dir), (errors, self.errors_dir)):
+            target = directory / name
+            if table.num_rows:
+                directory.mkdir(parents=True, exist_ok=True)
+                with atomic_path(target) as tmp:
+                    pq.write_table(table, tmp, compression="zstd")
+            else:
+                target.unlink(missing_ok=True)
+        record = {
+            "index": index,
+            "chunk_id": chunk_id,
+            "num_items": predictions.num_rows + errors.num_rows,
+            "num_predictions": predictions.num_rows,
+            "num_errors": errors.num_rows,
+            "committed_at": _utcnow().isoformat(),
+            **extra,
+        }
+        atomic_write_json(self.chunks_dir / f"{index:06d}.json", record)
+        return record
+
+    def mark_complete(self, num_chunks: int) -> None:
+        atomic_write_json(self.dir / "complete.json", {"num_chunks": num_chunks, "completed_at": _utcnow().isoformat()})
+
+    @property
+    def complete(self) -> dict[str, Any] | None:
+        path = self.dir / "complete.json"
+        return read_json(path) if path.is_file() else None
+
+    def write_summary(self, summary: dict[str, Any]) -> Path:
+        path = self.dir / "summary.json"
+        atomic_write_json(path, summary)
+        return path
+
+    def class_counts(self, class_names: Sequence[str], low_confidence: float) -> tuple[dict[str, int], int]:
+        """Rows per predicted class and rows under ``low_confidence`` max probability, streamed column-wise."""
+        counts = np.zeros(len(class_names), dtype=np.int64)
+        low = 0
+        if self.predictions_dir.is_dir():
+            dataset = pads.dataset(self.predictions_dir, format="parquet")
+            for batch in dataset.to_batches(columns=["pred_label", "max_prob"]):
+                labels = batch.column("pred_label").to_numpy()
+                counts += np.bincount(labels, minlength=len(class_names))[: len(class_names)]
+                low += int((batch.column("max_prob").to_numpy() < low_confidence).sum())
+        return {c: int(n) for c, n in zip(class_names, counts)}, low
+
+
+def predictions_dataset(root: str | Path) -> pads.Dataset:
+    """All runs' predictions as one pyarrow dataset (lazy; filter on ``run``, ``model_id``, ... before reading)."""
+    catalog = Catalog(root)
+    return pads.dataset(
+        catalog.root / PREDICTIONS, format="parquet", partitioning=_partitioning(), schema=with_partition(catalog.schema())
+    )
+
+
+def errors_dataset(root: str | Path) -> pads.Dataset:
+    return pads.dataset(Path(root) / ERRORS, format="parquet", partitioning=_partitioning(), schema=with_partition(ERROR_SCHEMA))
+
+
+def _read(dataset_fn: Any, root: str | Path, subdir: str, run: str | None, columns: Sequence[str] | None) -> Any:
+    if not (Path(root) / subdir).is_dir():
+        schema = with_partition(Catalog(root).schema() if subdir == PREDICTIONS else ERROR_SCHEMA)
+        table = schema.empty_table()
+        return table.select(list(columns)).to_pandas() if columns else table.to_pandas()
+    dataset = dataset_fn(root)
+    filt = (pads.field(PARTITION) == run) if run is not None else None
+    return dataset.to_table(columns=list(columns) if columns else None, filter=filt).to_pandas()
+
+
+def read_predictions(root: str | Path, *, run: str | None = None, columns: Sequence[str] | None = None) -> Any:
+    """The catalog (or one run of it) as a pandas DataFrame, with the ``run`` column."""
+    return _read(predictions_dataset, root, PREDICTIONS, run, columns)
+
+
+def read_errors(root: str | Path, *, run: str | None = None) -> Any:
+    """The errors table (or one run's) as a pandas DataFrame: id, source_file, source_row, reason, ..."""
+    return _read(errors_dataset, root, ERRORS, run, None)

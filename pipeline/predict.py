@@ -1,0 +1,520 @@
+"""Stage ``predict``: classify a pile of cutouts into the Parquet catalog (``docs/catalog.md``).
+
+The input is read in chunks of ``predict.chunk_size`` items; DataLoader workers decode and preprocess
+batches (the model's own ``eval_transform``), the main process runs the model under
+``torch.inference_mode`` (optionally autocast and 8-view TTA) or onnxruntime, and every chunk is
+committed atomically with a completion record. Memory is bounded by the chunk and prefetch sizes,
+never by the input.
+
+A run is identified by the model id, the input's identity, TTA and the temperature, so re-running
+the same model on the same input resumes (or, when finished, does nothing), while a new model, new
+input, new calibration or TTA setting starts a new run partition.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+from tqdm.auto import tqdm
+
+from pipeline.catalog import ERROR_SCHEMA, Catalog, Run, prediction_schema, prob_columns
+from pipeline.checkpoint import checkpoint_config, load_checkpoint, model_id
+from pipeline.config import Config, load_config, stable_hash
+from pipeline.errors import AstroflowError, CheckpointError, ConfigError, DataError
+from pipeline.inputs import InputReader, Record, check_image, open_input, plan_chunks
+from pipeline.io import read_json
+from pipeline.transforms import d4_views, eval_transform
+
+CALIBRATION_FILE = "calibration.json"
+EXIT_PARTIAL = 3
+_AMP = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _say(message: str) -> None:
+    print(f"astroflow predict: {message}", file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------ calibration and identity
+
+
+def resolve_calibration(calibration: Path | None, checkpoint: Path, mid: str, tta: bool) -> tuple[float, str]:
+    """(temperature, where it came from): the given file, else ``calibration.json`` beside the checkpoint, else 1.
+
+    A file fitted for another model, or with another TTA setting, is refused: its temperature would
+    rescale scores it was never fitted on.
+    """
+    path = Path(calibration) if calibration is not None else Path(checkpoint).parent / CALIBRATION_FILE
+    if not path.is_file():
+        if calibration is not None:
+            raise DataError(f"{path}: calibration file not found")
+        return 1.0, f"none ({path} not found): temperature 1, probabilities are uncalibrated"
+    cal = read_json(path)
+    t = cal.get("temperature") if isinstance(cal, dict) else None
+    if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0:
+        raise DataError(f"{path}: field 'temperature' must be a positive number, got {t!r}")
+    if cal.get("model_id") not in (None, mid):
+        raise CheckpointError(f"{path}: calibration is for model {cal['model_id']!r}, not {mid!r}; re-run calibrate")
+    if "tta" in cal and cal.get("enabled", True) and bool(cal["tta"]) != tta:
+        raise ConfigError(f"{path}: temperature was fitted with tta={bool(cal['tta'])} but predict.tta is {tta}")
+    return float(t), str(path)
+
+
+def make_run_id(mid: str, identity: dict[str, Any], tta: bool, temperature: float) -> str:
+    """Deterministic, so a restart finds its own partition; starts with a letter so no reader takes it for a number."""
+    return "r" + stable_hash({"model_id": mid, "input": identity, "tta": tta, "temperature": temperature})
+
+
+def inference_threads(threads: int, workers: int) -> int:
+    """``predict.threads``, where 0 leaves one core to each decode worker.
+
+    OpenMP threads that spin-wait for cores the decode workers hold run many times slower, so on a
+    small CPU the model should not claim every core.
+    """
+    if threads:
+        return threads
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return max(1, cores - workers)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise ConfigError(f"predict.device: {exc} (got {name!r})") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"predict.device is {name!r} but CUDA is not available")
+    return device
+
+
+# ------------------------------------------------------------------ decoding (DataLoader workers)
+
+
+@dataclass
+class _Decoded:
+    chunk: int
+    batch: int
+    records: list[Record]
+    x: torch.Tensor
+
+
+class _BatchDecoder(torch.utils.data.Dataset):
+    """Map-style dataset whose 'indices' are batch specs: a worker decodes and preprocesses one batch."""
+
+    def __init__(self, reader: InputReader, img_size: int, input_range: str) -> None:
+        self.reader = reader
+        self.img_size = img_size
+        self.transform = eval_transform(img_size, input_range)
+
+    def __getitem__(self, spec: tuple[int, int, list[Any]]) -> _Decoded:
+        chunk, batch, items = spec
+        records = self.reader.load(items)
+        tensors = []
+        for rec in records:
+            if rec.error is None:
+                rec.error = check_image(rec.image)
+            if rec.error is None and not rec.image.flags.writeable:
+                rec.image = rec.image.copy()  # torch refuses to wrap read-only arrays (PIL's, h5py's) without a warning
+            if rec.error is None:
+                try:
+                    tensors.append(self.transform(rec.image))
+                except Exception as exc:  # a preprocessing failure is this image's problem only
+                    rec.error = f"preprocessing failed: {type(exc).__name__}: {exc}"
+            rec.image = None
+        x = torch.stack(tensors) if tensors else torch.empty(0, 3, self.img_size, self.img_size)
+        return _Decoded(chunk, batch, records, x)
+
+
+def _identity(x: Any) -> Any:
+    return x
+
+
+# ------------------------------------------------------------------ inference backends
+
+
+class _TorchEngine:
+    def __init__(self, model: torch.nn.Module, device: torch.device, amp: str) -> None:
+        self.model = model.to(device).eval()
+        self.device = device
+        self.amp = amp
+
+    def to_device(self, x: torch.Tensor) -> torch.Tensor:
+        return x.to(self.device, non_blocking=True)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        ctx = torch.autocast(self.device.type, dtype=_AMP[self.amp]) if self.amp in _AMP else contextlib.nullcontext()
+        with ctx:
+            return self.model(x).float()
+
+
+class _OnnxEngine:
+    def __init__(self, path: Path, device: torch.device, threads: int = 0) -> None:
+        import onnxruntime as ort
+
+        providers = ["CPUExecutionProvider"]
+        if device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
+            providers.insert(0, "CUDAExecutionProvider")
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+        self.input_name = self.session.get_inputs()[0].name
+
+    def to_device(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.session.run(None, {self.input_name: x.contiguous().numpy()})[0]
+        return torch.from_numpy(out).float()
+
+
+def scores(engine: _TorchEngine | _OnnxEngine, x: torch.Tensor, *, tta: bool, temperature: float) -> np.ndarray:
+    """Calibrated class probabilities (float64), computed exactly as ``evaluate``/``calibrate`` score.
+
+    With TTA the 'logits' are the log mean probability over the 8 views, and the temperature divides
+    those, which is what ``calibrate`` fitted it on.
+    """
+    x = engine.to_device(x)
+    if tta:
+        views = torch.stack([engine.logits(v).log_softmax(dim=1) for v in d4_views(x)])
+        z = torch.logsumexp(views, dim=0) - math.log(len(views))
+    else:
+        z = engine.logits(x)
+    return torch.softmax(z.double().cpu() / temperature, dim=1).numpy()
+
+
+def _onnx_model(checkpoint: Path, mid: str, out_root: Path, notes: list[str]) -> Path:
+    """An ONNX file of this very model: ``<checkpoint>.onnx`` if it matches, else one exported into the catalog."""
+    from pipeline.export import export_onnx, onnx_metadata
+
+    for candidate in (checkpoint.with_suffix(".onnx"), out_root / "models" / f"{mid}.onnx"):
+        if candidate.is_file() and onnx_metadata(candidate).get("astroflow.model_id") == mid:
+            return candidate
+    target = out_root / "models" / f"{mid}.onnx"
+    notes.append(f"no ONNX export of model {mid} found; exported one to {target}")
+    _say(notes[-1])
+    return export_onnx(checkpoint, target)
+
+
+# ------------------------------------------------------------------ tables
+
+
+def _entropy(p: np.ndarray) -> np.ndarray:
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return -np.where(p > 0, p * np.log(p), 0.0).sum(axis=1)
+
+
+def _prediction_table(
+    records: list[Record], probs: np.ndarray, schema: pa.Schema, class_names: list[str], const: dict[str, Any]
+) -> pa.Table:
+    n = len(records)
+    labels = probs.argmax(axis=1).astype(np.int32) if n else np.zeros(0, np.int32)
+    probs32 = probs.astype(np.float32)
+    cols: dict[str, Any] = {
+        "id": [r.id for r in records],
+        "source_file": [r.source_file for r in records],
+        "source_row": [r.source_row for r in records],
+        "ra": [r.ra for r in records],
+        "dec": [r.dec for r in records],
+        "pred_label": labels,
+        "pred_class": [class_names[i] for i in labels],
+    }
+    for j, name in enumerate(prob_columns(class_names)):
+        cols[name] = probs32[:, j] if n else np.zeros(0, np.float32)
+    cols["max_prob"] = probs32.max(axis=1) if n else np.zeros(0, np.float32)
+    cols["entropy"] = _entropy(probs).astype(np.float32) if n else np.zeros(0, np.float32)
+    for key, value in const.items():
+        cols[key] = [value] * n
+    return pa.table({f.name: pa.array(cols[f.name], type=f.type) for f in schema}, schema=schema)
+
+
+def _error_table(records: list[Record], const: dict[str, Any]) -> pa.Table:
+    cols = {
+        "id": [r.id for r in records],
+        "source_file": [r.source_file for r in records],
+        "source_row": [r.source_row for r in records],
+        "reason": [r.error for r in records],
+        "model_id": [const["model_id"]] * len(records),
+        "run_ts": [const["run_ts"]] * len(records),
+    }
+    return pa.table({f.name: pa.array(cols[f.name], type=f.type) for f in ERROR_SCHEMA}, schema=ERROR_SCHEMA)
+
+
+@dataclass
+class _ChunkState:
+    chunk_id: str
+    num_batches: int
+    parts: dict[int, tuple[list[Record], np.ndarray]] = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------ the stage
+
+
+def predict(
+    cfg: Config,
+    checkpoint: Path,
+    input_path: Path | None,
+    out_root: Path,
+    *,
+    calibration: Path | None = None,
+    shards_dir: Path | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Classify ``input_path`` (None: the test split of ``shards_dir``) into the catalog at ``out_root``.
+
+    Returns the run summary (also written to ``runs/<run_id>/summary.json``): ``num_written`` rows and
+    ``num_skipped_chunks`` of this call, ``num_errors`` of the whole run, class counts, ``model_id``, ``run_id``.
+    """
+    pc = cfg.predict
+    checkpoint, out_root = Path(checkpoint), Path(out_root)
+    notes: list[str] = []
+    payload = load_checkpoint(checkpoint)
+    model_cfg = checkpoint_config(payload, checkpoint)
+    mid = model_id(checkpoint)
+    class_names = list(payload["class_names"])
+    temperature, cal_source = resolve_calibration(calibration, checkpoint, mid, pc.tta)
+    if temperature == 1.0 and cal_source.startswith("none"):
+        notes.append(f"calibration: {cal_source}")
+        _say(notes[-1])
+    reader = open_input(input_path, pc.input_kind, shards_dir=shards_dir)
+    identity = reader.identity
+    run_id = make_run_id(mid, identity, pc.tta, temperature)
+    catalog = Catalog(out_root)
+    catalog.ensure_classes(class_names)
+    meta = {
+        "model_id": mid,
+        "model_name": payload["model_name"],
+        "checkpoint": str(checkpoint.resolve()),
+        "class_names": class_names,
+        "input": reader.describe(),
+        "input_identity": identity,
+        "chunk_size": pc.chunk_size,
+        "tta": pc.tta,
+        "temperature": temperature,
+        "calibration": cal_source,
+    }
+    start = time.perf_counter()
+    with catalog.open_run(run_id, meta) as run:
+        chunk_size = int(run.meta["chunk_size"])
+        if chunk_size != pc.chunk_size:
+            notes.append(f"run {run_id} keeps the chunk_size it started with, {chunk_size} (predict.chunk_size is {pc.chunk_size})")
+            _say(notes[-1])
+        if run.complete is not None:
+            stats = {"written": 0, "errors": 0, "new_chunks": 0}
+            notes.append(
+                f"nothing to do: model {mid} already classified this input in run {run_id}; the catalog is unchanged"
+            )
+            _say(notes[-1])
+            status = "up_to_date"
+        else:
+            stats = _run_chunks(cfg, run, reader, payload, model_cfg, mid, checkpoint, out_root, chunk_size, temperature, notes, progress)
+            status = "complete" if stats["new_chunks"] else "up_to_date"
+            if not run.completed():
+                notes.append(f"the input holds no images: {reader.describe()}")
+                _say(notes[-1])
+            elif not stats["new_chunks"]:
+                notes.append(f"nothing to do: every chunk of run {run_id} was already committed")
+                _say(notes[-1])
+        summary = _summary(run, class_names, pc.low_confidence, stats, time.perf_counter() - start)
+        summary.update(status=status, backend=pc.backend, notes=notes, catalog=str(out_root))
+        summary["summary_path"] = str(run.write_summary(summary))
+    _print_summary(summary)
+    return summary
+
+
+def _run_chunks(
+    cfg: Config,
+    run: Run,
+    reader: InputReader,
+    payload: dict[str, Any],
+    model_cfg: Config,
+    mid: str,
+    checkpoint: Path,
+    out_root: Path,
+    chunk_size: int,
+    temperature: float,
+    notes: list[str],
+    progress: bool,
+) -> dict[str, int]:
+    """Decode, classify and commit every chunk the run has not committed yet."""
+    pc = cfg.predict
+    class_names = list(payload["class_names"])
+    img_size = int(payload["img_size"])
+    schema = prediction_schema(class_names)
+    key = reader.input_key(chunk_size)
+    records = run.completed()
+    done = {i for i, rec in records.items() if rec.get("chunk_id") == f"{key}-{i:06d}"}
+    const = {"model_id": mid, "tta": pc.tta, "temperature": temperature, "run_ts": run.started_at}
+    device = resolve_device(pc.device)
+    if done:
+        notes.append(f"resuming run {run.run_id}: {len(done)} chunk(s) already committed")
+        _say(notes[-1])
+
+    states: dict[int, _ChunkState] = {}
+    stats = {"written": 0, "errors": 0, "new_chunks": 0}
+
+    def specs() -> Iterator[tuple[int, int, list[Any]]]:
+        for plan in plan_chunks(reader, chunk_size, done=done):
+            nb = math.ceil(len(plan.items) / pc.batch_size)
+            states[plan.index] = _ChunkState(plan.chunk_id, nb)
+            for b in range(nb):
+                yield plan.index, b, plan.items[b * pc.batch_size : (b + 1) * pc.batch_size]
+
+    decoder = _BatchDecoder(reader, img_size, model_cfg.train.input_range)
+    loader = torch.utils.data.DataLoader(
+        decoder,
+        sampler=specs(),
+        batch_size=None,
+        collate_fn=_identity,
+        num_workers=pc.workers,
+        pin_memory=device.type == "cuda",
+    )
+    batches = iter(loader)  # workers fork here, before the model is built, so they never carry it
+    n_threads = inference_threads(pc.threads, pc.workers)
+    stats["threads"] = n_threads
+    if pc.backend == "onnx":
+        if pc.amp != "none":
+            notes.append("predict.amp is ignored by the onnx backend")
+        engine: _TorchEngine | _OnnxEngine = _OnnxEngine(_onnx_model(checkpoint, mid, out_root, notes), device, n_threads)
+    else:
+        from pipeline.checkpoint import build_model
+
+        engine = _TorchEngine(build_model(payload, path=checkpoint), device, pc.amp)
+
+    done_items = sum(int(records[i].get("num_items", 0)) for i in done)
+    bar = tqdm(total=reader.num_items, initial=done_items, desc="predict", unit="img", disable=not progress, dynamic_ncols=True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(n_threads)
+    try:
+        with torch.inference_mode():
+            for dec in batches:
+                ok = [r for r in dec.records if r.error is None]
+                probs = scores(engine, dec.x, tta=pc.tta, temperature=temperature) if ok else np.zeros((0, len(class_names)))
+                state = states[dec.chunk]
+                state.parts[dec.batch] = (dec.records, probs)
+                bar.update(len(dec.records))
+                if len(state.parts) == state.num_batches:
+                    _commit(run, dec.chunk, states.pop(dec.chunk), schema, class_names, const, stats)
+    finally:
+        torch.set_num_threads(threads)
+        bar.close()
+        reader.close()
+        del batches
+    if states:
+        raise DataError(f"chunks {sorted(states)} of run {run.run_id} were planned but never completed")
+    return stats
+
+
+def _commit(
+    run: Run, index: int, state: _ChunkState, schema: pa.Schema, class_names: list[str], const: dict[str, Any], stats: dict[str, int]
+) -> None:
+    good: list[Record] = []
+    bad: list[Record] = []
+    probs = []
+    for b in range(state.num_batches):
+        recs, p = state.parts[b]
+        good.extend(r for r in recs if r.error is None)
+        bad.extend(r for r in recs if r.error is not None)
+        probs.append(p)
+    table = _prediction_table(good, np.concatenate(probs), schema, class_names, const)
+    errors = _error_table(bad, const)
+    run.commit(index, state.chunk_id, table, errors, {})
+    stats["written"] += table.num_rows
+    stats["errors"] += errors.num_rows
+    stats["new_chunks"] += 1
+
+
+def _summary(run: Run, class_names: list[str], low_confidence: float, stats: dict[str, int], elapsed: float) -> dict[str, Any]:
+    """Counts of the whole run (every committed chunk), plus what this call did."""
+    records = run.completed()
+    meta = run.meta
+    if run.complete is None:
+        run.mark_complete(len(records))
+    counts, low = run.class_counts(class_names, low_confidence)
+    return {
+        "run_id": run.run_id,
+        "model_id": meta["model_id"],
+        "started_at": meta["started_at"],
+        "input": meta["input"],
+        "tta": meta["tta"],
+        "temperature": meta["temperature"],
+        "calibration": meta["calibration"],
+        "num_chunks": len(records),
+        "num_skipped_chunks": len(records) - stats["new_chunks"],
+        "num_new_chunks": stats["new_chunks"],
+        "num_written": stats["written"],
+        "num_errors_new": stats["errors"],
+        "num_predicted": sum(int(r["num_predictions"]) for r in records.values()),
+        "num_errors": sum(int(r["num_errors"]) for r in records.values()),
+        "class_counts": counts,
+        "low_confidence": {"threshold": low_confidence, "count": low},
+        "threads": stats.get("threads"),
+        "elapsed_s": round(elapsed, 3),
+        "images_per_s": round((stats["written"] + stats["errors"]) / elapsed, 1) if elapsed > 0 else None,
+    }
+
+
+def _print_summary(s: dict[str, Any]) -> None:
+    head = (
+        f"run {s['run_id']} ({s['status']}): {s['num_predicted']} classified, {s['num_errors']} failed, "
+        f"{s['low_confidence']['count']} below max_prob {s['low_confidence']['threshold']}; "
+        f"this call wrote {s['num_written']} rows, skipped {s['num_skipped_chunks']} committed chunk(s)"
+    )
+    _say(head)
+    width = max((len(c) for c in s["class_counts"]), default=0)
+    for name, n in s["class_counts"].items():
+        print(f"  {name:<{width}}  {n}", file=sys.stderr)
+    if s["num_errors"]:
+        _say(f"{s['num_errors']} input(s) could not be classified: see {Path(s['catalog']) / 'errors'}")
+    _say(f"summary: {s['summary_path']}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m pipeline.predict``: the stage without the full CLI (exit 3 when some inputs failed)."""
+    parser = argparse.ArgumentParser(prog="python -m pipeline.predict", description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", type=Path, required=True)
+    parser.add_argument("--input", type=Path, default=None, help="h5 file, shard dir/.tar, image folder or Zoobot catalog")
+    parser.add_argument("--output", type=Path, default=None, help="catalog root (default: predict.output)")
+    parser.add_argument("--calibration", type=Path, default=None)
+    parser.add_argument("--shards-dir", type=Path, default=None, help="for the default input: its test split")
+    parser.add_argument("--params", type=Path, default=None)
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    parser.add_argument("-q", "--quiet", action="store_true")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.params, args.overrides)
+        inp = args.input or (Path(cfg.predict.input) if cfg.predict.input else None)
+        summary = predict(
+            cfg,
+            args.checkpoint,
+            inp,
+            args.output or Path(cfg.predict.output),
+            calibration=args.calibration,
+            shards_dir=args.shards_dir,
+            progress=not args.quiet,
+        )
+    except AstroflowError as exc:
+        _say(f"error: {exc}")
+        return 2
+    print(json.dumps(summary, default=str))
+    return EXIT_PARTIAL if summary["num_errors"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

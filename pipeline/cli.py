@@ -138,6 +138,8 @@ def cmd_predict(cfg: Config, layout: Layout, args: argparse.Namespace) -> dict[s
 
     if args.input is not None:
         cfg.predict.input = str(args.input)
+    if args.input_kind is not None:
+        cfg.predict.input_kind = args.input_kind
     if args.backend is not None:
         cfg.predict.backend = args.backend
     if args.tta:
@@ -228,6 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
         _common(p)
     subs["train"].add_argument("--resume", action="store_true", help="continue from data/train/last.pt")
     subs["predict"].add_argument("--input", type=Path, default=None, help="h5 file, shard dir, image folder or Zoobot catalog (default: predict.input, else the test split)")
+    subs["predict"].add_argument("--input-kind", choices=["auto", "h5", "shards", "folder", "zoobot"], default=None, help="default: predict.input_kind (auto: from the path)")
     subs["predict"].add_argument("--checkpoint", type=Path, default=None, help="default: data/train/best.pt")
     subs["predict"].add_argument("--calibration", type=Path, default=None, help="temperature JSON (default: data/calibration/calibration.json if present)")
     subs["predict"].add_argument("--output", type=Path, default=None, help="catalog root (default: predict.output)")

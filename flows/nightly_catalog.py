@@ -3,10 +3,12 @@
 Each top-level entry of ``schedule.inbox`` (a Galaxy10-schema HDF5 file, a shard directory or
 ``.tar``, a folder of cutouts, a Zoobot CSV/Parquet catalog) is one input, identified by its name,
 size and mtime (for a directory: every file's). Inputs whose identity is not yet in
-``<catalog>/inbox_state.json`` are new; each becomes one Prefect task calling ``pipeline.predict.predict``
-on the production model, so a Dask task runner spreads them over a cluster. An input is recorded as
-processed only after its task succeeded, and ``predict`` is idempotent per (input chunk, model), so a
-failed or killed run is simply run again: it redoes what is missing and adds no duplicate rows.
+``<catalog>/inbox_state.json`` are new. Each new input is planned (``pipeline.predict.plan_run``: its run
+and chunks, no model run), then every chunk not yet committed becomes one Prefect task
+(``predict(..., chunks=[i])``), so a Dask task runner spreads even one large input over a cluster;
+when all of an input's chunks succeeded, ``finalize_run`` writes its run summary and the input is
+recorded as processed. ``predict`` is idempotent per (input chunk, model), so a failed or killed run is
+simply run again: it redoes the chunks that are missing and adds no duplicate rows.
 
 Two runs at once are kept apart twice over: a Prefect global concurrency limit of one slot (plus a
 deployment concurrency limit, ``flows/serve.py``) and an ``flock`` on ``<catalog>/.nightly.lock``,
@@ -30,7 +32,8 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.client.orchestration import get_client
 from prefect.concurrency.sync import concurrency
-from prefect.futures import as_completed
+from prefect.futures import PrefectFuture, as_completed
+from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows import config_from_parameters
 from pipeline import predict as predict_stage_fn
@@ -48,6 +51,9 @@ STATE_FILE = "inbox_state.json"
 LOCK_FILE = ".nightly.lock"
 PARTIAL_SUFFIXES = (".tmp", ".part", ".partial", ".crdownload", ".lock")
 """Names of uploads in progress, never inputs."""
+LOCAL_TASKS = 2
+"""Tasks the default (thread) runner runs at once: each chunk task loads its own model and already uses every core."""
+RESULT_KEYS = ("run_id", "model_id", "status", "num_written", "num_predicted", "num_errors", "num_chunks", "num_skipped_chunks", "class_counts")
 
 
 class NightlyBusy(AstroflowError):
@@ -156,28 +162,54 @@ def catalog_lock(catalog_root: Path, timeout_s: float) -> Iterator[None]:
 # ------------------------------------------------------------------ tasks
 
 
-@task(name="classify-input", cache_policy=NO_CACHE)
-def classify_input(cfg: Config, checkpoint: str, calibration: str | None, input_path: str, catalog_root: str) -> dict[str, Any]:
-    """``pipeline.predict`` on one input; resumes a run a failed attempt left half done."""
+def _predict_args(cfg: Config, checkpoint: str, calibration: str | None, input_path: str, catalog_root: str) -> dict[str, Any]:
+    return {
+        "cfg": cfg,
+        "checkpoint": Path(checkpoint),
+        "input_path": Path(input_path),
+        "out_root": Path(catalog_root),
+        "calibration": Path(calibration) if calibration else None,
+    }
+
+
+@task(name="plan-input", cache_policy=NO_CACHE)
+def plan_input(cfg: Config, checkpoint: str, calibration: str | None, input_path: str, catalog_root: str) -> predict_stage_fn.RunPlan:
+    """The input's run and the chunks it still lacks, so each can be its own task (nothing is classified)."""
+    plan = predict_stage_fn.plan_run(**_predict_args(cfg, checkpoint, calibration, input_path, catalog_root))
+    get_run_logger().info(
+        "%s: run %s, %d chunk(s) of %d, %d to classify", input_path, plan.run_id, plan.num_chunks, plan.chunk_size, len(plan.pending)
+    )
+    return plan
+
+
+@task(name="classify-chunk", cache_policy=NO_CACHE)
+def classify_chunk(
+    cfg: Config, checkpoint: str, calibration: str | None, input_path: str, catalog_root: str, chunk: int
+) -> dict[str, Any]:
+    """``pipeline.predict`` on one chunk of one input; a chunk already committed (a retry, a race) writes nothing."""
     logger = get_run_logger()
     if cfg.predict.workers and multiprocessing.current_process().daemon:
         # Dask worker processes are daemonic and may not start DataLoader workers.
-        logger.info("running in a daemonic process (a Dask worker): predict.workers=0 for this input")
+        logger.info("running in a daemonic process (a Dask worker): predict.workers=0 for this chunk")
         cfg = cfg.model_copy(update={"predict": cfg.predict.model_copy(update={"workers": 0})})
-    summary = predict_stage_fn.predict(
-        cfg,
-        Path(checkpoint),
-        Path(input_path),
-        Path(catalog_root),
-        calibration=Path(calibration) if calibration else None,
-        progress=False,
+    result = predict_stage_fn.predict(**_predict_args(cfg, checkpoint, calibration, input_path, catalog_root), chunks=[chunk], progress=False)
+    logger.info("%s chunk %d: run %s %s, %d rows written", input_path, chunk, result["run_id"], result["status"], result["num_written"])
+    return result
+
+
+@task(name="finalize-input", cache_policy=NO_CACHE)
+def finalize_input(
+    cfg: Config, checkpoint: str, calibration: str | None, input_path: str, catalog_root: str, chunk_results: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """Mark the input's run complete and write its summary, once every chunk is committed."""
+    summary = predict_stage_fn.finalize_run(
+        **_predict_args(cfg, checkpoint, calibration, input_path, catalog_root), chunk_results=chunk_results
     )
-    logger.info(
+    get_run_logger().info(
         "%s: run %s %s, %d rows written now, %d classified in total, %d failed",
         input_path, summary["run_id"], summary["status"], summary["num_written"], summary["num_predicted"], summary["num_errors"],
     )
-    keep = ("run_id", "model_id", "status", "num_written", "num_predicted", "num_errors", "num_chunks", "num_skipped_chunks", "class_counts")
-    return {k: summary.get(k) for k in keep}
+    return {k: summary.get(k) for k in RESULT_KEYS}
 
 
 # ------------------------------------------------------------------ the flow
@@ -209,37 +241,71 @@ def _classify_new(cfg: Config, layout: Layout, flow_run_id: str | None) -> dict[
     state = load_state(catalog_root)
     new, skipped = scan_inbox(inbox, state["inputs"], cfg.schedule.inbox_settle_s)
     logger.info("production model %s; inbox %s: %d new input(s), %d skipped", prod.name, inbox, len(new), len(skipped))
-    futures = {
-        classify_input.with_options(task_run_name=f"classify {e.name}").submit(
-            cfg, str(checkpoint), str(calibration) if calibration.is_file() else None, e.path, str(catalog_root)
-        ): e
-        for e in new
-    }
+    cal = str(calibration) if calibration.is_file() else None
+
+    def args(e: InboxEntry) -> tuple[Config, str, str | None, str, str]:
+        return cfg, str(checkpoint), cal, e.path, str(catalog_root)
+
     done: list[dict[str, Any]] = []
-    failed: list[dict[str, Any]] = []
-    for future in as_completed(list(futures)):
-        entry = futures[future]
+    failed: dict[str, dict[str, Any]] = {}
+
+    def fail(e: InboxEntry, what: str, exc: BaseException) -> None:
+        logger.error("input %s failed (%s): %s", e.name, what, exc)
+        failed.setdefault(e.key, {"input": e.name, "error": f"{what}: {type(exc).__name__}: {exc}"[:500]})
+
+    def finish(e: InboxEntry, chunk_results: list[dict[str, Any]]) -> None:
         try:
-            result = future.result()
+            result = finalize_input.with_options(task_run_name=f"finalize {e.name}")(*args(e), chunk_results)
         except Exception as exc:
-            logger.error("input %s failed: %s", entry.name, exc)
-            failed.append({"input": entry.name, "error": f"{type(exc).__name__}: {exc}"[:500]})
-            continue
-        state["inputs"][entry.key] = {
-            **entry.identity,
+            fail(e, "finalize", exc)
+            return
+        state["inputs"][e.key] = {
+            **e.identity,
             **result,
             "processed_at": dt.datetime.now(dt.UTC).isoformat(),
             "flow_run_id": flow_run_id,
         }
         save_state(catalog_root, state)
-        done.append({"input": entry.name, **result})
+        done.append({"input": e.name, **result})
+
+    # Plan every input, then fan out one task per pending chunk; an input is finalised and recorded as
+    # soon as its last chunk succeeded, and not at all if one failed (the next run redoes only that chunk).
+    plans = {plan_input.with_options(task_run_name=f"plan {e.name}").submit(*args(e)): e for e in new}
+    owner: dict[PrefectFuture[dict[str, Any]], tuple[InboxEntry, int]] = {}
+    remaining: dict[str, int] = {}
+    results: dict[str, list[dict[str, Any]]] = {}
+    ready: list[InboxEntry] = []
+    for future in as_completed(list(plans)):
+        entry = plans[future]
+        try:
+            plan = future.result()
+        except Exception as exc:
+            fail(entry, "plan", exc)
+            continue
+        remaining[entry.key], results[entry.key] = len(plan.pending), []
+        for i in plan.pending:
+            name = f"classify {entry.name} chunk {i} of {plan.num_chunks}"
+            owner[classify_chunk.with_options(task_run_name=name).submit(*args(entry), i)] = (entry, i)
+        if not plan.pending:
+            ready.append(entry)
+    for entry in ready:
+        finish(entry, [])
+    for future in as_completed(list(owner)):
+        entry, i = owner[future]
+        try:
+            results[entry.key].append(future.result())
+        except Exception as exc:
+            fail(entry, f"chunk {i}", exc)
+        remaining[entry.key] -= 1
+        if not remaining[entry.key] and entry.key not in failed:
+            finish(entry, results[entry.key])
     return {
         "model_id": prod.name,
         "inbox": str(inbox),
         "catalog": str(catalog_root),
         "new_inputs": len(new),
         "classified": sorted(done, key=lambda r: r["input"]),
-        "failed": sorted(failed, key=lambda r: r["input"]),
+        "failed": sorted(failed.values(), key=lambda r: r["input"]),
         "skipped": skipped,
         "rows_written": sum(int(r["num_written"]) for r in done),
         "catalog_rows": _catalog_rows(catalog_root),
@@ -285,7 +351,11 @@ def _flow_run_id() -> str | None:
     return flow_run.id
 
 
-@flow(name=FLOW_NAME, description="classify new inbox inputs with the production model into the Parquet catalog")
+@flow(
+    name=FLOW_NAME,
+    description="classify new inbox inputs with the production model into the Parquet catalog",
+    task_runner=ThreadPoolTaskRunner(max_workers=LOCAL_TASKS),
+)
 def nightly_catalog(
     predict: PredictConfig = PredictConfig(),
     schedule: ScheduleConfig = ScheduleConfig(),

@@ -13,6 +13,11 @@ A chunk is committed by writing its Parquet files (each atomically, under a name
 index) and then its completion record: a chunk without a record is redone and its files replaced, so
 a killed run never leaves duplicate rows. File names fixed per chunk, not per attempt, are what
 makes that true even when the kill lands between the data and the record.
+
+A run is written either by one process holding its lock throughout (:meth:`Catalog.open_run`) or by
+several workers that each write some of its chunks (:meth:`Catalog.join_run`) and take the lock only
+to create the run and for each commit. Either way temporary files exist only under the lock, so
+whoever holds it may delete any it finds: they were left by a killed writer.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import datetime as dt
 import json
 import os
 import re
+import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -34,6 +40,11 @@ import pyarrow.parquet as pq
 from pipeline.config import GALAXY10_CLASS_NAMES
 from pipeline.errors import DataError
 from pipeline.io import atomic_path, atomic_write_json, read_json
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: only threads of one process are kept apart
+    fcntl = None  # type: ignore[assignment]
 
 SCHEMA_VERSION = 1
 PREDICTIONS, ERRORS, RUNS = "predictions", "errors", "runs"
@@ -165,43 +176,76 @@ class Catalog:
         """The run ``run_id``, created with ``meta`` if new, locked against a second writer while open."""
         run = Run(self, run_id)
         run.dir.mkdir(parents=True, exist_ok=True)
-        with _lock(run.dir / ".lock", run_id):
-            if not run.meta_path.is_file():
-                atomic_write_json(run.meta_path, {"run_id": run_id, "started_at": _utcnow().isoformat(), **meta})
+        with _lock(run.lock_path, run_id, wait=False):
+            run.create(meta)
             run.clean_temporaries()
             yield run
 
+    @contextmanager
+    def join_run(self, run_id: str, meta: dict[str, Any]) -> Iterator[Run]:
+        """The run ``run_id`` for one of several workers that each commit some of its chunks.
+
+        The lock is held only to create the run and, by :meth:`Run.commit`, around each commit, so
+        workers of one run wait on each other for a commit at most and never fail; a commit of a chunk
+        another worker already committed writes nothing. ``open_run`` writers still exclude them.
+        """
+        run = Run(self, run_id, shared=True)
+        run.dir.mkdir(parents=True, exist_ok=True)
+        with _lock(run.lock_path, run_id, wait=True):
+            run.create(meta)
+            run.clean_temporaries()
+        yield run
+
+
+_THREAD_LOCKS: dict[str, threading.Lock] = {}
+_THREAD_LOCKS_GUARD = threading.Lock()
+
+
+def _thread_lock(path: Path) -> threading.Lock:
+    """One lock per run lock file per process: POSIX record locks never conflict between threads of one process."""
+    key = os.path.realpath(path)
+    with _THREAD_LOCKS_GUARD:
+        return _THREAD_LOCKS.setdefault(key, threading.Lock())
+
 
 @contextmanager
-def _lock(path: Path, run_id: str) -> Iterator[None]:
-    """An exclusive POSIX record lock on the run.
+def _lock(path: Path, run_id: str, *, wait: bool) -> Iterator[None]:
+    """An exclusive POSIX record lock on the run (plus a thread lock, for threads of this process).
 
     The OS drops it when the process dies, so a SIGKILL never leaves it stale; unlike ``flock`` it is
     not inherited by forked DataLoader workers, which may outlive a killed parent by a few seconds.
+    ``wait=False`` fails at once when another writer holds it.
     """
+    busy = f"run {run_id} is being written by another process ({path})"
+    guard = _thread_lock(path)
+    if not guard.acquire(blocking=wait):
+        raise DataError(busy)
     try:
-        import fcntl
-    except ImportError:  # not POSIX: no cross-process guard
-        yield
-        return
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
+        if fcntl is None:
+            yield
+            return
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            raise DataError(f"run {run_id} is being written by another process ({path})") from None
-        yield
+            try:
+                fcntl.lockf(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                raise DataError(busy) from None
+            yield
+        finally:
+            os.close(fd)
     finally:
-        os.close(fd)
+        guard.release()
 
 
 class Run:
     """One run partition: its record, its completion records, and the chunk commit."""
 
-    def __init__(self, catalog: Catalog, run_id: str) -> None:
+    def __init__(self, catalog: Catalog, run_id: str, *, shared: bool = False) -> None:
         self.catalog = catalog
         self.run_id = run_id
+        self.shared = shared
         self.dir = catalog.root / RUNS / run_id
+        self.lock_path = self.dir / ".lock"
         self.meta_path = self.dir / "run.json"
         self.chunks_dir = self.dir / "chunks"
         self.predictions_dir = catalog.root / PREDICTIONS / f"{PARTITION}={run_id}"
@@ -214,6 +258,11 @@ class Run:
     @property
     def started_at(self) -> dt.datetime:
         return dt.datetime.fromisoformat(self.meta["started_at"])
+
+    def create(self, meta: dict[str, Any]) -> None:
+        """Write ``run.json`` if the run is new (under the lock: its start time is the ``run_ts`` of every chunk)."""
+        if not self.meta_path.is_file():
+            atomic_write_json(self.meta_path, {"run_id": self.run_id, "started_at": _utcnow().isoformat(), **meta})
 
     def clean_temporaries(self) -> None:
         """Remove half-written files a killed process left (only ever called under the run lock)."""
@@ -232,8 +281,25 @@ class Run:
             out[int(rec["index"])] = rec
         return out
 
-    def commit(self, index: int, chunk_id: str, predictions: pa.Table, errors: pa.Table, extra: dict[str, Any]) -> dict[str, Any]:
-        """Write the chunk's rows, then its completion record: the record is the commit point."""
+    def commit(
+        self, index: int, chunk_id: str, predictions: pa.Table, errors: pa.Table, extra: dict[str, Any]
+    ) -> dict[str, Any] | None:
+        """Write the chunk's rows, then its completion record: the record is the commit point.
+
+        A worker of a joined run commits under the run lock and writes nothing (returns None) when
+        another worker committed the chunk first.
+        """
+        if not self.shared:
+            return self._write_chunk(index, chunk_id, predictions, errors, extra)
+        with _lock(self.lock_path, self.run_id, wait=True):
+            path = self.chunks_dir / f"{index:06d}.json"
+            if path.is_file() and read_json(path).get("chunk_id") == chunk_id:
+                return None
+            return self._write_chunk(index, chunk_id, predictions, errors, extra)
+
+    def _write_chunk(
+        self, index: int, chunk_id: str, predictions: pa.Table, errors: pa.Table, extra: dict[str, Any]
+    ) -> dict[str, Any]:
         name = _part_name(index)
         for table, directory in ((predictions, self.predictions_dir), (errors, self.errors_dir)):
             target = directory / name

@@ -220,7 +220,7 @@ class ScheduleConfig(Section):
     )
     lock_timeout_s: float = Field(3600, ge=0, description="How long a nightly run waits for a previous one to finish.")
     dask_address: str | None = Field(
-        None, description="Dask scheduler for nightly-catalog's per-input tasks; null = threads in the flow's process."
+        None, description="Dask scheduler for nightly-catalog's per-chunk tasks; null = threads in the flow's process."
     )
 
 

@@ -9,6 +9,10 @@ never by the input.
 A run is identified by the model id, the input's identity, TTA and the temperature, so re-running
 the same model on the same input resumes (or, when finished, does nothing), while a new model, new
 input, new calibration or TTA setting starts a new run partition.
+
+A run can also be fanned out: :func:`plan_run` names its chunks without running the model, workers
+call ``predict(..., chunks=[...])`` on disjoint chunks (in other threads, processes or machines), and
+:func:`finalize_run` writes ``complete.json`` and the summary once every chunk is committed.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -266,23 +270,24 @@ class _ChunkState:
 # ------------------------------------------------------------------ the stage
 
 
-def predict(
-    cfg: Config,
-    checkpoint: Path,
-    input_path: Path | None,
-    out_root: Path,
-    *,
-    calibration: Path | None = None,
-    shards_dir: Path | None = None,
-    progress: bool = True,
-) -> dict[str, Any]:
-    """Classify ``input_path`` (None: the test split of ``shards_dir``) into the catalog at ``out_root``.
+@dataclass
+class _Setup:
+    """What every entry point derives from (config, checkpoint, input) before touching the catalog."""
 
-    Returns the run summary (also written to ``runs/<run_id>/summary.json``): ``num_written`` rows and
-    ``num_skipped_chunks`` of this call, ``num_errors`` of the whole run, class counts, ``model_id``, ``run_id``.
-    """
+    payload: dict[str, Any]
+    model_cfg: Config
+    mid: str
+    class_names: list[str]
+    temperature: float
+    reader: InputReader
+    run_id: str
+    catalog: Catalog
+    meta: dict[str, Any]
+    notes: list[str]
+
+
+def _setup(cfg: Config, checkpoint: Path, input_path: Path | None, out_root: Path, calibration: Path | None, shards_dir: Path | None) -> _Setup:
     pc = cfg.predict
-    checkpoint, out_root = Path(checkpoint), Path(out_root)
     notes: list[str] = []
     payload = load_checkpoint(checkpoint)
     model_cfg = checkpoint_config(payload, checkpoint)
@@ -309,31 +314,213 @@ def predict(
         "temperature": temperature,
         "calibration": cal_source,
     }
+    return _Setup(payload, model_cfg, mid, class_names, temperature, reader, run_id, catalog, meta, notes)
+
+
+def _run_chunk_size(run: Run, configured: int, notes: list[str]) -> int:
+    chunk_size = int(run.meta["chunk_size"])
+    if chunk_size != configured:
+        notes.append(f"run {run.run_id} keeps the chunk_size it started with, {chunk_size} (predict.chunk_size is {configured})")
+        _say(notes[-1])
+    return chunk_size
+
+
+def _num_chunks(reader: InputReader, chunk_size: int) -> int:
+    """Chunk count from the item index alone (nothing decoded), as ``plan_chunks`` would cut it."""
+    try:
+        n = sum(1 for _ in reader.items())
+    finally:
+        reader.close()
+    return math.ceil(n / chunk_size)
+
+
+def _committed(run: Run, reader: InputReader, chunk_size: int) -> dict[int, dict[str, Any]]:
+    """Completion records of this input's chunks (a record with another chunk id is redone, not counted)."""
+    key = reader.input_key(chunk_size)
+    return {i: rec for i, rec in run.completed().items() if rec.get("chunk_id") == f"{key}-{i:06d}"}
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """A run's chunks as a fan-out needs them: one ``predict(..., chunks=[i])`` per pending index, then ``finalize_run``."""
+
+    run_id: str
+    model_id: str
+    chunk_size: int
+    num_chunks: int
+    pending: tuple[int, ...]
+    complete: bool
+
+
+def plan_run(
+    cfg: Config,
+    checkpoint: Path,
+    input_path: Path | None,
+    out_root: Path,
+    *,
+    calibration: Path | None = None,
+    shards_dir: Path | None = None,
+) -> RunPlan:
+    """Create (or find) the run of this model on this input and list its chunks, without running the model.
+
+    Creating the run here fixes its start time and chunk size before any worker joins it.
+    """
+    checkpoint, out_root = Path(checkpoint), Path(out_root)
+    s = _setup(cfg, checkpoint, input_path, out_root, calibration, shards_dir)
+    with s.catalog.join_run(s.run_id, s.meta) as run:
+        chunk_size = _run_chunk_size(run, cfg.predict.chunk_size, s.notes)
+        num_chunks = _num_chunks(s.reader, chunk_size)
+        done = _committed(run, s.reader, chunk_size)
+        return RunPlan(
+            run_id=s.run_id,
+            model_id=s.mid,
+            chunk_size=chunk_size,
+            num_chunks=num_chunks,
+            pending=tuple(i for i in range(num_chunks) if i not in done),
+            complete=run.complete is not None,
+        )
+
+
+def predict(
+    cfg: Config,
+    checkpoint: Path,
+    input_path: Path | None,
+    out_root: Path,
+    *,
+    calibration: Path | None = None,
+    shards_dir: Path | None = None,
+    chunks: Sequence[int] | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Classify ``input_path`` (None: the test split of ``shards_dir``) into the catalog at ``out_root``.
+
+    Returns the run summary (also written to ``runs/<run_id>/summary.json``): ``num_written`` rows and
+    ``num_skipped_chunks`` of this call, ``num_errors`` of the whole run, class counts, ``model_id``, ``run_id``.
+
+    With ``chunks`` only those chunk indices of the run are classified, as one worker of a fan-out
+    (see :func:`plan_run`): the run is joined rather than locked, nothing is finalised, and the
+    result counts this call's chunks only; :func:`finalize_run` ends the run.
+    """
+    pc = cfg.predict
+    checkpoint, out_root = Path(checkpoint), Path(out_root)
+    s = _setup(cfg, checkpoint, input_path, out_root, calibration, shards_dir)
+    if chunks is not None:
+        return _predict_chunks(cfg, checkpoint, out_root, s, chunks, progress)
+    notes = s.notes
     start = time.perf_counter()
-    with catalog.open_run(run_id, meta) as run:
-        chunk_size = int(run.meta["chunk_size"])
-        if chunk_size != pc.chunk_size:
-            notes.append(f"run {run_id} keeps the chunk_size it started with, {chunk_size} (predict.chunk_size is {pc.chunk_size})")
-            _say(notes[-1])
+    with s.catalog.open_run(s.run_id, s.meta) as run:
+        chunk_size = _run_chunk_size(run, pc.chunk_size, notes)
         if run.complete is not None:
+            s.reader.close()
             stats = {"written": 0, "errors": 0, "new_chunks": 0}
             notes.append(
-                f"nothing to do: model {mid} already classified this input in run {run_id}; the catalog is unchanged"
+                f"nothing to do: model {s.mid} already classified this input in run {s.run_id}; the catalog is unchanged"
             )
             _say(notes[-1])
             status = "up_to_date"
         else:
-            stats = _run_chunks(cfg, run, reader, payload, model_cfg, mid, checkpoint, out_root, chunk_size, temperature, notes, progress)
+            stats = _run_chunks(cfg, run, s, checkpoint, out_root, chunk_size, None, progress)
             status = "complete" if stats["new_chunks"] else "up_to_date"
             if not run.completed():
-                notes.append(f"the input holds no images: {reader.describe()}")
+                notes.append(f"the input holds no images: {s.reader.describe()}")
                 _say(notes[-1])
             elif not stats["new_chunks"]:
-                notes.append(f"nothing to do: every chunk of run {run_id} was already committed")
+                notes.append(f"nothing to do: every chunk of run {s.run_id} was already committed")
                 _say(notes[-1])
-        summary = _summary(run, class_names, pc.low_confidence, stats, time.perf_counter() - start)
-        summary.update(status=status, backend=pc.backend, notes=notes, catalog=str(out_root))
-        summary["summary_path"] = str(run.write_summary(summary))
+        return _finish(cfg, run, s, stats, status, time.perf_counter() - start, out_root)
+
+
+def _predict_chunks(cfg: Config, checkpoint: Path, out_root: Path, s: _Setup, chunks: Sequence[int], progress: bool) -> dict[str, Any]:
+    selected = sorted({int(i) for i in chunks})
+    if any(i < 0 for i in selected):
+        raise DataError(f"chunk indices must be >= 0, got {selected}")
+    start = time.perf_counter()
+    with s.catalog.join_run(s.run_id, s.meta) as run:
+        chunk_size = _run_chunk_size(run, cfg.predict.chunk_size, s.notes)
+        pending = set(selected) - set(_committed(run, s.reader, chunk_size))
+        if run.complete is not None or not pending:
+            s.reader.close()
+            stats = {"written": 0, "errors": 0, "new_chunks": 0}
+        else:
+            stats = _run_chunks(cfg, run, s, checkpoint, out_root, chunk_size, pending, progress)
+    new = stats["new_chunks"]
+    if not new:
+        s.notes.append(f"nothing to do: chunk(s) {selected} of run {s.run_id} were already committed")
+        _say(s.notes[-1])
+    return {
+        "run_id": s.run_id,
+        "model_id": s.mid,
+        "status": "partial" if new else "up_to_date",
+        "chunks": selected,
+        "num_new_chunks": new,
+        "num_skipped_chunks": len(selected) - new,
+        "num_written": stats["written"],
+        "num_errors_new": stats["errors"],
+        "threads": stats.get("threads"),
+        "elapsed_s": round(time.perf_counter() - start, 3),
+        "notes": s.notes,
+    }
+
+
+def finalize_run(
+    cfg: Config,
+    checkpoint: Path,
+    input_path: Path | None,
+    out_root: Path,
+    *,
+    calibration: Path | None = None,
+    shards_dir: Path | None = None,
+    chunk_results: Sequence[Mapping[str, Any]] = (),
+) -> dict[str, Any]:
+    """End a fanned-out run: mark it complete and write its summary, as a whole ``predict`` call does.
+
+    Refuses (``DataError``) while any chunk lacks its completion record, so a fan-out with a failed
+    chunk never looks finished. ``chunk_results`` (the workers' return values) supply this call's
+    ``num_written``/``num_errors_new``/``num_skipped_chunks`` and ``elapsed_s`` (the workers' seconds,
+    summed); counts of the whole run come from the catalog. ``status`` is ``complete`` unless the run
+    was complete before and the workers committed nothing.
+    """
+    checkpoint, out_root = Path(checkpoint), Path(out_root)
+    s = _setup(cfg, checkpoint, input_path, out_root, calibration, shards_dir)
+    start = time.perf_counter()
+    with s.catalog.open_run(s.run_id, s.meta) as run:
+        chunk_size = _run_chunk_size(run, cfg.predict.chunk_size, s.notes)
+        num_chunks = _num_chunks(s.reader, chunk_size)
+        missing = sorted(set(range(num_chunks)) - set(_committed(run, s.reader, chunk_size)))
+        if missing:
+            raise DataError(
+                f"run {s.run_id}: {len(missing)} of {num_chunks} chunk(s) not committed ({_index_list(missing)}); "
+                "classify them (predict with chunks=...) before finalising"
+            )
+        stats = {
+            "written": sum(int(r.get("num_written", 0)) for r in chunk_results),
+            "errors": sum(int(r.get("num_errors_new", 0)) for r in chunk_results),
+            "new_chunks": sum(int(r.get("num_new_chunks", 0)) for r in chunk_results),
+        }
+        threads = [r["threads"] for r in chunk_results if r.get("threads")]
+        stats["threads"] = max(threads) if threads else None
+        status = "complete" if stats["new_chunks"] or run.complete is None else "up_to_date"
+        if not num_chunks:
+            s.notes.append(f"the input holds no images: {s.reader.describe()}")
+            _say(s.notes[-1])
+        elif status == "up_to_date":
+            s.notes.append(f"nothing to do: run {s.run_id} was already complete")
+            _say(s.notes[-1])
+        worker_s = sum(float(r.get("elapsed_s") or 0) for r in chunk_results)
+        return _finish(cfg, run, s, stats, status, worker_s + time.perf_counter() - start, out_root)
+
+
+def _index_list(indices: list[int], limit: int = 20) -> str:
+    shown = ", ".join(str(i) for i in indices[:limit])
+    return shown + (f", ... ({len(indices) - limit} more)" if len(indices) > limit else "")
+
+
+def _finish(cfg: Config, run: Run, s: _Setup, stats: dict[str, Any], status: str, elapsed: float, out_root: Path) -> dict[str, Any]:
+    """Mark the run complete, write and print its summary (called with every chunk committed, under the run lock)."""
+    pc = cfg.predict
+    summary = _summary(run, s.class_names, pc.low_confidence, stats, elapsed)
+    summary.update(status=status, backend=pc.backend, notes=s.notes, catalog=str(out_root))
+    summary["summary_path"] = str(run.write_summary(summary))
     _print_summary(summary)
     return summary
 
@@ -341,42 +528,45 @@ def predict(
 def _run_chunks(
     cfg: Config,
     run: Run,
-    reader: InputReader,
-    payload: dict[str, Any],
-    model_cfg: Config,
-    mid: str,
+    s: _Setup,
     checkpoint: Path,
     out_root: Path,
     chunk_size: int,
-    temperature: float,
-    notes: list[str],
+    selected: set[int] | None,
     progress: bool,
 ) -> dict[str, int]:
-    """Decode, classify and commit every chunk the run has not committed yet."""
+    """Decode, classify and commit every chunk the run has not committed yet (only ``selected`` ones if given)."""
     pc = cfg.predict
-    class_names = list(payload["class_names"])
+    reader, payload, mid, notes = s.reader, s.payload, s.mid, s.notes
+    class_names = s.class_names
     img_size = int(payload["img_size"])
     schema = prediction_schema(class_names)
-    key = reader.input_key(chunk_size)
     records = run.completed()
-    done = {i for i, rec in records.items() if rec.get("chunk_id") == f"{key}-{i:06d}"}
-    const = {"model_id": mid, "tta": pc.tta, "temperature": temperature, "run_ts": run.started_at}
+    done = set(_committed(run, reader, chunk_size))
+    const = {"model_id": mid, "tta": pc.tta, "temperature": s.temperature, "run_ts": run.started_at}
     device = resolve_device(pc.device)
-    if done:
+    if done and selected is None:
         notes.append(f"resuming run {run.run_id}: {len(done)} chunk(s) already committed")
         _say(notes[-1])
+    last = max(selected) if selected else None
 
     states: dict[int, _ChunkState] = {}
+    planned: set[int] = set()
     stats = {"written": 0, "errors": 0, "new_chunks": 0}
 
     def specs() -> Iterator[tuple[int, int, list[Any]]]:
         for plan in plan_chunks(reader, chunk_size, done=done):
+            if last is not None and plan.index > last:
+                return
+            if selected is not None and plan.index not in selected:
+                continue
+            planned.add(plan.index)
             nb = math.ceil(len(plan.items) / pc.batch_size)
             states[plan.index] = _ChunkState(plan.chunk_id, nb)
             for b in range(nb):
                 yield plan.index, b, plan.items[b * pc.batch_size : (b + 1) * pc.batch_size]
 
-    decoder = _BatchDecoder(reader, img_size, model_cfg.train.input_range)
+    decoder = _BatchDecoder(reader, img_size, s.model_cfg.train.input_range)
     loader = torch.utils.data.DataLoader(
         decoder,
         sampler=specs(),
@@ -397,15 +587,16 @@ def _run_chunks(
 
         engine = _TorchEngine(build_model(payload, path=checkpoint), device, pc.amp)
 
-    done_items = sum(int(records[i].get("num_items", 0)) for i in done)
-    bar = tqdm(total=reader.num_items, initial=done_items, desc="predict", unit="img", disable=not progress, dynamic_ncols=True)
+    done_items = sum(int(records[i].get("num_items", 0)) for i in done) if selected is None else 0
+    total = reader.num_items if selected is None else None
+    bar = tqdm(total=total, initial=done_items, desc="predict", unit="img", disable=not progress, dynamic_ncols=True)
     threads = torch.get_num_threads()
     torch.set_num_threads(n_threads)
     try:
         with torch.inference_mode():
             for dec in batches:
                 ok = [r for r in dec.records if r.error is None]
-                probs = scores(engine, dec.x, tta=pc.tta, temperature=temperature) if ok else np.zeros((0, len(class_names)))
+                probs = scores(engine, dec.x, tta=pc.tta, temperature=s.temperature) if ok else np.zeros((0, len(class_names)))
                 state = states[dec.chunk]
                 state.parts[dec.batch] = (dec.records, probs)
                 bar.update(len(dec.records))
@@ -418,6 +609,8 @@ def _run_chunks(
         del batches
     if states:
         raise DataError(f"chunks {sorted(states)} of run {run.run_id} were planned but never completed")
+    if selected is not None and (absent := sorted(selected - planned - done)):
+        raise DataError(f"run {run.run_id} has no chunk(s) {_index_list(absent)}: the input ends before them (chunks of {chunk_size} items)")
     return stats
 
 
@@ -434,7 +627,8 @@ def _commit(
         probs.append(p)
     table = _prediction_table(good, np.concatenate(probs), schema, class_names, const)
     errors = _error_table(bad, const)
-    run.commit(index, state.chunk_id, table, errors, {})
+    if run.commit(index, state.chunk_id, table, errors, {}) is None:
+        return  # another worker of the run committed it first; its rows stand
     stats["written"] += table.num_rows
     stats["errors"] += errors.num_rows
     stats["new_chunks"] += 1

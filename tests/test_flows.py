@@ -1,5 +1,5 @@
 """The Prefect flows under ``prefect_test_harness``: stage cache hits and misses, promotion, artifacts,
-the nightly catalog (new inputs only, re-runs, two runs at once, the Dask task runner).
+the nightly catalog (new inputs only, re-runs, a failed chunk, two runs at once, the Dask task runner with per-chunk tasks).
 
 One tiny real training run (synthetic 32 px images, astroformer_pico, one epoch, under torchrun) is shared
 by the module; everything else reuses its cache directories and its production model.
@@ -422,8 +422,51 @@ def test_a_held_lock_makes_the_run_wait_then_give_up(first_run: tuple[Any, dict[
     assert (catalog / LOCK_FILE).exists() and not (catalog / STATE_FILE).exists()
 
 
+def _task_runs(flow_run_id: UUID, prefix: str) -> list[Any]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.client.schemas.sorting import TaskRunSort
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])), sort=TaskRunSort.NAME_ASC, limit=200
+        )
+    return [r for r in runs if r.name.startswith(prefix)]
+
+
+def test_a_failed_chunk_is_all_a_rerun_redoes(
+    first_run: tuple[Any, dict[str, Any]], workdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pipeline import predict as predict_mod
+
+    _inbox(workdir, "chunkfail", {"big.h5": 40})  # chunks of 16: rows 0-15, 16-31, 32-39
+    real = predict_mod.predict
+
+    def chunk_1_fails(*args: Any, chunks: Any = None, **kw: Any) -> dict[str, Any]:
+        if chunks == [1]:
+            raise RuntimeError("worker lost")
+        return real(*args, chunks=chunks, **kw)
+
+    monkeypatch.setattr(predict_mod, "predict", chunk_1_fails)
+    state, _ = _nightly(workdir, "chunkfail")
+    assert state.is_failed() and "big.h5" in state.message
+    catalog = workdir / "catalogs" / "chunkfail"
+    assert sorted(read_predictions(catalog)["source_row"]) == [*range(16), *range(32, 40)]
+    assert not (catalog / STATE_FILE).exists() or not json.loads((catalog / STATE_FILE).read_text())["inputs"]
+    assert not list((catalog / "runs").glob("*/complete.json"))
+
+    monkeypatch.setattr(predict_mod, "predict", real)
+    state, s = _nightly(workdir, "chunkfail")
+    assert state.is_completed(), state.message
+    (row,) = s["classified"]
+    assert (row["input"], row["status"], row["num_written"], row["num_skipped_chunks"], row["num_predicted"]) == ("big.h5", "complete", 16, 2, 40)
+    assert [r.name for r in _task_runs(_flow_run_id(state), "classify ")] == ["classify big.h5 chunk 1 of 3"]
+    df = read_predictions(catalog)
+    assert sorted(df["source_row"]) == list(range(40)) and df["run_ts"].nunique() == 1
+
+
 def test_dask_runner_builds_the_same_catalog(first_run: tuple[Any, dict[str, Any]], workdir: Path) -> None:
-    _inbox(workdir, "dask", {"a.h5": 18, "b.h5": 22})
+    _inbox(workdir, "dask", {"a.h5": 18, "b.h5": 22})  # two chunks of predict.chunk_size=16 each
     state, threads_summary = _nightly(workdir, "dask")
     assert state.is_completed(), state.message
     on_dask = nightly_catalog.with_options(task_runner=dask_task_runner(n_workers=2))
@@ -437,6 +480,10 @@ def test_dask_runner_builds_the_same_catalog(first_run: tuple[Any, dict[str, Any
     assert state.is_completed(), state.message
     dask_summary = state.result()
     assert dask_summary["rows_written"] == threads_summary["rows_written"] == 40
+    chunk_runs = _task_runs(_flow_run_id(state), "classify ")
+    assert len(chunk_runs) == 4 > dask_summary["new_inputs"] == 2  # one task per chunk, not per input
+    assert all(r.state.is_completed() for r in chunk_runs)
+    assert [r["num_chunks"] for r in dask_summary["classified"]] == [2, 2]
     cols = lambda df: df.drop(columns=["run_ts"]).sort_values(["source_file", "source_row"]).reset_index(drop=True)  # noqa: E731
     pd.testing.assert_frame_equal(
         cols(read_predictions(workdir / "catalogs" / "dask")), cols(read_predictions(workdir / "catalogs" / "dask-cluster"))

@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,7 @@ from pipeline.checkpoint import load_model, model_id, save_checkpoint
 from pipeline.config import GALAXY10_CLASS_NAMES, Config, load_config
 from pipeline.errors import CheckpointError, DataError
 from pipeline.inputs import iter_chunks, open_input, plan_chunks
-from pipeline.predict import main, predict
+from pipeline.predict import finalize_run, main, plan_run, predict
 from pipeline.prepare import write_prepared
 from pipeline.shards import write_shards
 from pipeline.sources.arrays import ArraySource
@@ -292,6 +293,129 @@ def test_rerun_does_nothing_and_a_new_model_reclassifies(tmp_path: Path, ckpt: P
     assert both.groupby("run", observed=True)["id"].agg(lambda x: x.is_unique and len(x) == 30).all()
     assert set(both["model_id"]) == {s1["model_id"], s3["model_id"]}
     assert [r["run_id"] for r in C.Catalog(out).runs()] == [s1["run_id"], s3["run_id"]]
+
+
+# ------------------------------------------------------------------ fan-out: chunks of one run
+
+
+def _files(root: Path) -> dict[Path, int]:
+    return {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file() and p.name != ".lock"}
+
+
+def test_disjoint_chunk_calls_then_finalize_equal_one_whole_run(tmp_path: Path, ckpt: Path) -> None:
+    n = 70  # 5 chunks of 16, the last one short
+    src = write_h5(tmp_path / "in.h5", images(n, seed=17), ids=[f"c{i}" for i in range(n)])
+    whole = predict(config(), ckpt, src, tmp_path / "whole", progress=False)
+
+    out = tmp_path / "fan"
+    plan = plan_run(config(), ckpt, src, out)
+    assert (plan.run_id, plan.num_chunks, plan.pending, plan.complete) == (whole["run_id"], 5, (0, 1, 2, 3, 4), False)
+    assert not list(out.glob("predictions/*/*.parquet"))  # planning runs no model
+    a = predict(config(), ckpt, src, out, chunks=[3, 0, 3], progress=False)
+    assert (a["chunks"], a["num_new_chunks"], a["num_written"], a["status"]) == ([0, 3], 2, 32, "partial")
+    assert not (out / "runs" / plan.run_id / "complete.json").exists() and not (out / "runs" / plan.run_id / "summary.json").exists()
+    assert plan_run(config(), ckpt, src, out).pending == (1, 2, 4)
+    with pytest.raises(DataError, match=r"3 of 5 chunk\(s\) not committed \(1, 2, 4\)"):
+        finalize_run(config(), ckpt, src, out, chunk_results=[a])
+    b = predict(config(), ckpt, src, out, chunks=[1, 2, 4], progress=False)
+    assert (b["num_new_chunks"], b["num_written"]) == (3, n - 32)
+
+    s = finalize_run(config(), ckpt, src, out, chunk_results=[a, b])
+    assert (s["status"], s["num_chunks"], s["num_written"], s["num_skipped_chunks"], s["num_predicted"]) == ("complete", 5, n, 0, n)
+    assert s["class_counts"] == whole["class_counts"] and (out / "runs" / s["run_id"] / "complete.json").is_file()
+    assert json.loads(Path(s["summary_path"]).read_text())["num_predicted"] == n
+    fanned = check_catalog(out, s["run_id"]).set_index("id").sort_index()  # unique ids
+    one = check_catalog(tmp_path / "whole", whole["run_id"]).set_index("id").sort_index()
+    assert list(fanned.index) == sorted(f"c{i}" for i in range(n))
+    pd.testing.assert_frame_equal(fanned.drop(columns=["run_ts"]), one.drop(columns=["run_ts"]))
+    assert fanned["run_ts"].nunique() == 1  # every chunk carries the run's one start time
+
+    again = predict(config(), ckpt, src, out, progress=False)  # the whole-run entry point sees a finished run
+    assert again["status"] == "up_to_date" and again["num_written"] == 0
+    assert plan_run(config(), ckpt, src, out).complete is True
+
+
+def test_rerunning_a_committed_chunk_writes_nothing(tmp_path: Path, ckpt: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    src = write_h5(tmp_path / "in.h5", images(40, seed=18))
+    out = tmp_path / "cat"
+    first = predict(config(), ckpt, src, out, chunks=[1], progress=False)
+    assert first["num_written"] == 16
+    files = _files(out)
+    capsys.readouterr()
+    again = predict(config(), ckpt, src, out, chunks=[1], progress=False)
+    assert (again["status"], again["num_written"], again["num_new_chunks"], again["num_skipped_chunks"]) == ("up_to_date", 0, 0, 1)
+    assert "nothing to do" in capsys.readouterr().err
+    assert _files(out) == files  # not a byte rewritten, not even run.json
+    with pytest.raises(DataError, match=r"no chunk\(s\) 7"):
+        predict(config(), ckpt, src, out, chunks=[7], progress=False)
+
+
+def test_a_commit_another_worker_made_first_is_kept(tmp_path: Path, ckpt: Path) -> None:
+    """Two workers given the same chunk (a retry racing the original): the first commit stands, the second writes nothing."""
+    src = write_h5(tmp_path / "in.h5", images(20, seed=19))
+    out = tmp_path / "cat"
+    plan = plan_run(config(), ckpt, src, out)
+    catalog = C.Catalog(out)
+    meta = C.Run(catalog, plan.run_id).meta
+    with catalog.join_run(plan.run_id, meta) as late:  # joined before the other worker committed
+        predict(config(), ckpt, src, out, chunks=[0], progress=False)
+        record = (out / "runs" / plan.run_id / "chunks" / "000000.json").read_text()
+        empty = C.prediction_schema(GALAXY10_CLASS_NAMES).empty_table()
+        chunk_id = json.loads(record)["chunk_id"]
+        assert late.commit(0, chunk_id, empty, C.ERROR_SCHEMA.empty_table(), {}) is None
+    assert (out / "runs" / plan.run_id / "chunks" / "000000.json").read_text() == record
+    assert len(read_run(out, plan.run_id)) == 16
+
+
+def test_a_whole_run_writer_makes_workers_wait_not_fail(tmp_path: Path, ckpt: Path) -> None:
+    src = write_h5(tmp_path / "in.h5", images(20, seed=20))
+    out = tmp_path / "cat"
+    plan = plan_run(config(), ckpt, src, out)
+    catalog = C.Catalog(out)
+    meta = C.Run(catalog, plan.run_id).meta
+    results: list[Any] = []
+
+    def worker() -> None:
+        try:
+            results.append(predict(config(), ckpt, src, out, chunks=[1], progress=False))
+        except Exception as exc:  # the assertion below reports it
+            results.append(exc)
+
+    with catalog.open_run(plan.run_id, meta):  # a whole-run writer holds the run ...
+        with pytest.raises(DataError, match="being written"):
+            with catalog.open_run(plan.run_id, meta):  # ... so a second one fails at once, as before
+                pass
+        thread = threading.Thread(target=worker)
+        thread.start()
+        thread.join(3)
+        assert thread.is_alive() and not results  # ... while a worker of the run waits for it
+    thread.join(60)
+    assert [r["num_written"] if isinstance(r, dict) else r for r in results] == [4]
+
+
+def test_worker_processes_of_one_run_commit_disjoint_chunks_concurrently(tmp_path: Path, ckpt: Path) -> None:
+    n = 96
+    src = write_h5(tmp_path / "in.h5", images(n, seed=21), ids=[f"p{i}" for i in range(n)])
+    out = tmp_path / "cat"
+    plan = plan_run(config(), ckpt, src, out)
+    sets = ["predict.device=cpu", "predict.workers=0", "predict.threads=1", "predict.batch_size=8", "predict.chunk_size=16"]
+    script = tmp_path / "worker.py"
+    script.write_text(
+        "import sys\nfrom pathlib import Path\nfrom pipeline.config import load_config\nfrom pipeline.predict import predict\n"
+        "ckpt, src, out, chunks, *sets = sys.argv[1:]\n"
+        "predict(load_config(None, sets), Path(ckpt), Path(src), Path(out), chunks=[int(c) for c in chunks.split(',')], progress=False)\n"
+    )
+    procs = [
+        subprocess.Popen([sys.executable, str(script), str(ckpt), str(src), str(out), chunks, *sets], cwd=REPO, stderr=subprocess.PIPE)
+        for chunks in ("0,2,4", "1,3,5")
+    ]
+    for proc in procs:
+        _, err = proc.communicate(timeout=180)
+        assert proc.returncode == 0, err.decode()[-2000:]
+    s = finalize_run(config(), ckpt, src, out)
+    assert (s["num_chunks"], s["num_predicted"], s["status"]) == (plan.num_chunks, n, "complete")
+    assert sorted(check_catalog(out, s["run_id"])["id"]) == sorted(f"p{i}" for i in range(n))
+    assert not list(out.rglob(".*.tmp"))
 
 
 # ------------------------------------------------------------------ bad input

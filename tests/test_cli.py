@@ -1,0 +1,89 @@
+"""The `astroflow` command as a user runs it: one-command runs, overrides, clear errors and exit codes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from conftest import make_galaxy10_h5
+
+pytestmark = pytest.mark.slow
+
+
+def astroflow(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+
+
+TINY = [
+    "--set", "model.name=astroformer_pico", "--set", "model.img_size=32",
+    "--set", "train.epochs=2", "--set", "train.batch_size=16", "--set", "train.warmup_epochs=0",
+    "--set", "train.workers=0", "--set", "train.shuffle_buffer=64", "--set", "train.lr=0.002",
+    "--set", "evaluate.workers=0",
+]
+
+
+def test_run_on_any_galaxy10_schema_file_with_its_own_classes(tmp_path):
+    src = tmp_path / "four_classes.h5"
+    make_galaxy10_h5(src, n=120, size=32, num_classes=4)
+    work = tmp_path / "work"
+    proc = astroflow(
+        "run", "-q", "--workdir", str(work),
+        "--set", "data.source=h5", "--set", f"data.path={src}",
+        "--set", "data.class_names=[smooth, spiral, edge_on, merger]",
+        *TINY, cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((work / "metrics" / "eval.json").read_text())
+    assert 0.0 <= metrics["top1"] <= 1.0 and 0.0 <= metrics["macro_f1"] <= 1.0
+    assert set(metrics["per_class"]) == {"smooth", "spiral", "edge_on", "merger"}
+    assert metrics["num_samples"] == 12
+    for path in ["data/validation/summary.md", "data/shards/manifest.json", "data/train/best.pt", "data/eval/confusion.png", "params.resolved.yaml"]:
+        assert (work / path).is_file(), path
+    assert "stage times" in proc.stderr
+
+
+def test_config_errors_stop_before_any_work(tmp_path):
+    proc = astroflow("run", "--workdir", str(tmp_path / "w"), "--set", "train.epcohs=3", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "train.epcohs: unknown key" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "w" / "data").exists()
+
+
+def test_bad_input_names_file_and_field_and_leaves_nothing(tmp_path):
+    src = tmp_path / "bad.h5"
+    with h5py.File(src, "w") as h5:
+        h5["images"] = np.zeros((4, 8, 8, 3), np.uint8)
+        h5["ans"] = np.zeros(3, np.uint8)
+    proc = astroflow("prepare", "--workdir", str(tmp_path), "--set", "data.source=h5", "--set", f"data.path={src}", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert str(src) in proc.stderr and "field 'ans'" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "data" / "prepared" / "dataset.h5").exists()
+
+
+def test_validation_failure_exits_1_and_blocks_sharding(tmp_path):
+    src = tmp_path / "dup.h5"
+    make_galaxy10_h5(src, n=40, size=16)
+    with h5py.File(src, "a") as h5:
+        h5["images"][5] = h5["images"][6]
+    common = ["--workdir", str(tmp_path), "--set", "data.source=h5", "--set", f"data.path={src}"]
+    assert astroflow("prepare", "-q", *common, cwd=tmp_path).returncode == 0
+    proc = astroflow("validate", "-q", *common, cwd=tmp_path)
+    assert proc.returncode == 1 and "image_duplicates" in proc.stderr
+    assert json.loads((tmp_path / "data/validation/report.json").read_text())["success"] is False
+    shard = astroflow("shard", "-q", *common, cwd=tmp_path)
+    assert shard.returncode == 2 and "failed validation" in shard.stderr
+    assert not (tmp_path / "data" / "shards").exists()
+
+
+def test_models_lists_the_family_with_stack_and_size(tmp_path):
+    proc = astroflow("models", "astroformer_pico", "astroformer_0", "resnet18", "--img-size", "64", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "C-C-C-T" in proc.stdout and "resnet18" in proc.stdout

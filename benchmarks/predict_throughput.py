@@ -18,6 +18,7 @@ prints a markdown table (and ``--json`` writes the raw figures).
 
 from __future__ import annotations
 
+from pipeline.runtime import cpu_name
 import argparse
 import json
 import os
@@ -223,7 +224,7 @@ def main() -> None:
     settings = {k: getattr(args, k) for k in ("num", "size", "model", "img_size", "batch_size", "chunk_size", "workers", "threads", "loop_threads", "backend", "loop_limit", "repeats")}
     report = {
         "settings": settings,
-        "machine": {"cpu": _cpu_name(), "cores": os.cpu_count(), "python": platform.python_version(), "load_avg": os.getloadavg()},
+        "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "python": platform.python_version(), "load_avg": os.getloadavg()},
         "date": time.strftime("%Y-%m-%d %H:%M %Z"),
         "best": best,
         "rounds": rounds,
@@ -240,16 +241,6 @@ def main() -> None:
         )
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 if __name__ == "__main__":

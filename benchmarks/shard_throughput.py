@@ -10,6 +10,7 @@ Target (issue 2): the chain at no worse than 1/4 of the raw read rate with PNG.
 
 from __future__ import annotations
 
+from pipeline.runtime import cpu_name
 import argparse
 import platform
 import resource
@@ -96,7 +97,7 @@ def main() -> None:
     lines = [
         f"# shard throughput ({args.format}), {datetime.now(timezone.utc):%Y-%m-%d}",
         "",
-        f"- machine: {platform.processor() or platform.machine()}, {_cpu_model()}, {__import__('os').cpu_count()} cores",
+        f"- machine: {platform.processor() or platform.machine()}, {cpu_name()}, {__import__('os').cpu_count()} cores",
         f"- input: {args.n} images {args.size}x{args.size}x3 uint8, gzip-1 HDF5; shards {shard_mb:.0f} MB",
         "",
         "| measure | images/s |",
@@ -114,16 +115,6 @@ def main() -> None:
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text + "\n")
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown CPU"
 
 
 if __name__ == "__main__":

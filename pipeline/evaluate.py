@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from pipeline import metrics as M
 from pipeline.config import Config
 from pipeline.errors import CheckpointError, ConfigError, DataError
+from pipeline.runtime import resolve_device
 from pipeline.io import atomic_dir, atomic_write_json, read_json
 from pipeline.shards import load_manifest, make_dataset, shard_urls
 from pipeline.transforms import d4_views, eval_transform
@@ -40,19 +41,6 @@ class SplitPredictions:
     ids: list[str]
     rows: np.ndarray
     images_per_second: float
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` picks CUDA when present; an explicit CUDA device on a machine without one is an error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as exc:
-        raise ConfigError(f"evaluate.device: {exc} (got {name!r})") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"evaluate.device is {name!r} but CUDA is not available")
-    return device
 
 
 def _collate(samples: list[tuple[torch.Tensor, int, dict[str, Any]]]) -> tuple[torch.Tensor, torch.Tensor, list[dict[str, Any]]]:
@@ -145,7 +133,7 @@ def load_and_predict(
         input_range=model_cfg.train.input_range,
         batch_size=cfg.evaluate.batch_size,
         tta=cfg.evaluate.tta,
-        device=resolve_device(cfg.evaluate.device),
+        device=resolve_device(cfg.evaluate.device, "evaluate.device"),
         workers=cfg.evaluate.workers,
         progress=progress,
     )

@@ -39,6 +39,7 @@ from pipeline.checkpoint import checkpoint_config, load_checkpoint, model_id
 from pipeline.config import Config, load_config, stable_hash
 from pipeline.errors import AstroflowError, CheckpointError, ConfigError, DataError
 from pipeline.inputs import InputReader, Record, check_image, open_input, plan_chunks
+from pipeline.runtime import resolve_device
 from pipeline.io import read_json
 from pipeline.transforms import d4_views, eval_transform
 
@@ -94,18 +95,6 @@ def inference_threads(threads: int, workers: int) -> int:
     except AttributeError:  # not Linux
         cores = os.cpu_count() or 1
     return max(1, cores - workers)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as exc:
-        raise ConfigError(f"predict.device: {exc} (got {name!r})") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"predict.device is {name!r} but CUDA is not available")
-    return device
 
 
 # ------------------------------------------------------------------ decoding (DataLoader workers)
@@ -544,7 +533,7 @@ def _run_chunks(
     records = run.completed()
     done = set(_committed(run, reader, chunk_size))
     const = {"model_id": mid, "tta": pc.tta, "temperature": s.temperature, "run_ts": run.started_at}
-    device = resolve_device(pc.device)
+    device = resolve_device(pc.device, "predict.device")
     if done and selected is None:
         notes.append(f"resuming run {run.run_id}: {len(done)} chunk(s) already committed")
         _say(notes[-1])

@@ -1,0 +1,34 @@
+"""Where code runs: device choice and CPU naming shared by the stages and benchmarks."""
+
+from __future__ import annotations
+
+import platform
+from pathlib import Path
+
+import torch
+
+from pipeline.errors import ConfigError
+
+
+def resolve_device(name: str, key: str = "device") -> torch.device:
+    """``auto`` picks CUDA when present; an explicit CUDA device on a machine without one is an error naming ``key``."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise ConfigError(f"{key}: {exc} (got {name!r})") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"{key} is {name!r} but CUDA is not available")
+    return device
+
+
+def cpu_name() -> str:
+    """The CPU model, for benchmark records."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"

@@ -11,9 +11,11 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import random
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from pipeline.config import Config, config_from_dict, stable_hash
@@ -84,6 +86,50 @@ def load_model(path: str | Path, *, map_location: str | torch.device = "cpu") ->
     """(model in eval mode, its training config, the raw payload) from a checkpoint file."""
     payload = load_checkpoint(path, map_location=map_location)
     return build_model(payload, path=path), checkpoint_config(payload, path), payload
+
+
+def check_compatible(
+    payload: dict[str, Any], *, model_name: str, class_names: list[str], img_size: int, path: str | Path = "<checkpoint>"
+) -> None:
+    """Refuse to resume from a checkpoint of another model, class list or input size, naming the difference."""
+    expected = {"model_name": model_name, "class_names": list(class_names), "img_size": int(img_size)}
+    for key, want in expected.items():
+        got = payload.get(key)
+        if key == "img_size":
+            got = int(got) if isinstance(got, (int, float)) else got
+        elif key == "class_names":
+            got = list(got) if isinstance(got, (list, tuple)) else got
+        if got != want:
+            raise CheckpointError(f"{path}: field {key!r} is {got!r}, but this run is configured for {want!r}")
+
+
+def rng_state() -> dict[str, Any]:
+    """Python, numpy and torch (CPU and CUDA) generator states as tensors and ints, so ``weights_only`` loads them."""
+    version, py_state, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "python": {"version": version, "state": torch.tensor(py_state, dtype=torch.int64), "gauss": gauss},
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached": float(cached),
+        },
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Inverse of :func:`rng_state`."""
+    py = state["python"]
+    random.setstate((py["version"], tuple(int(x) for x in py["state"].tolist()), py["gauss"]))
+    npy = state["numpy"]
+    np.random.set_state((npy["kind"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"], npy["cached"]))
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def describe(payload: dict[str, Any]) -> str:

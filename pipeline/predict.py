@@ -39,7 +39,7 @@ from pipeline.checkpoint import checkpoint_config, load_checkpoint, model_id
 from pipeline.config import Config, load_config, stable_hash
 from pipeline.errors import AstroflowError, CheckpointError, ConfigError, DataError
 from pipeline.inputs import InputReader, Record, check_image, open_input, plan_chunks
-from pipeline.runtime import resolve_device
+from pipeline.runtime import compute_threads as inference_threads, resolve_device
 from pipeline.io import read_json
 from pipeline.transforms import d4_views, eval_transform
 
@@ -80,21 +80,6 @@ def resolve_calibration(calibration: Path | None, checkpoint: Path, mid: str, tt
 def make_run_id(mid: str, identity: dict[str, Any], tta: bool, temperature: float) -> str:
     """Deterministic, so a restart finds its own partition; starts with a letter so no reader takes it for a number."""
     return "r" + stable_hash({"model_id": mid, "input": identity, "tta": tta, "temperature": temperature})
-
-
-def inference_threads(threads: int, workers: int) -> int:
-    """``predict.threads``, where 0 leaves one core to each decode worker.
-
-    OpenMP threads that spin-wait for cores the decode workers hold run many times slower, so on a
-    small CPU the model should not claim every core.
-    """
-    if threads:
-        return threads
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        cores = os.cpu_count() or 1
-    return max(1, cores - workers)
 
 
 # ------------------------------------------------------------------ decoding (DataLoader workers)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 from pathlib import Path
 
@@ -32,3 +33,18 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown CPU"
+
+
+def compute_threads(threads: int, workers: int) -> int:
+    """Threads for the model: ``threads`` if set, else the cores not taken by a decode worker (at least 1).
+
+    OpenMP threads that spin-wait for cores the decode workers hold run many times slower, so on a
+    small CPU the model should not claim every core.
+    """
+    if threads:
+        return threads
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return max(1, cores - workers)

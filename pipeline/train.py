@@ -78,6 +78,7 @@ from pipeline.distributed import (
 )
 from pipeline.errors import AstroflowError, CheckpointError, ConfigError, DataError
 from pipeline.io import atomic_write_json, atomic_write_text
+from pipeline.runtime import compute_threads
 from pipeline.shards import decode_image, load_manifest, shard_urls
 from pipeline.transforms import eval_transform
 
@@ -684,6 +685,8 @@ def train(cfg: Config, shards_dir: Path, out_dir: Path, *, resume: bool = False,
     """
     shards_dir, out_dir = Path(shards_dir), Path(out_dir)
     device = resolve_device(cfg.train.device)
+    if device.type == "cpu":
+        torch.set_num_threads(compute_threads(0, cfg.train.workers))
     info, created = init_distributed(device)
     try:
         return _train(cfg, shards_dir, out_dir, info, device, resume=resume, progress=progress)

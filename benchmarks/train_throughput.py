@@ -13,7 +13,8 @@ what ``astroflow train`` runs, minus validation and checkpointing.
 from __future__ import annotations
 
 import argparse
-import platform
+import os
+import statistics
 import tempfile
 import time
 from collections.abc import Iterator
@@ -28,6 +29,7 @@ from pipeline import train as T
 from pipeline.augment import normalize_batch, train_transform
 from pipeline.config import Config, load_config
 from pipeline.prepare import write_prepared
+from pipeline.runtime import compute_threads, cpu_name
 from pipeline.shards import load_manifest, shard_urls, write_shards
 from pipeline.sources.arrays import ArraySource
 from pipeline.sources.synthetic import generate_arrays
@@ -115,47 +117,49 @@ def loader_only(cfg: Config, shards: Path, warmup: int, steps: int) -> float:
     return seen / (time.perf_counter() - start)
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", type=Path, default=ROOT / "params.yaml")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     parser.add_argument("--shards", type=Path, default=None, help="default: generate synthetic shards in a temp dir")
     parser.add_argument("--num-images", type=int, default=800, help="synthetic images when --shards is not given")
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=15)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     cfg = load_config(args.params if args.params.is_file() else None, args.overrides)
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     t = cfg.train
+    if device.type == "cpu":
+        torch.set_num_threads(compute_threads(0, t.workers))  # as the train stage does
     with tempfile.TemporaryDirectory() as tmp:
         shards = args.shards or make_shards(cfg, Path(tmp), args.num_images, cfg.data.synthetic.image_size)
         print(f"# {cfg.model.name} at {cfg.model.img_size}px, batch {t.batch_size}, workers {t.workers}, "
               f"rotation {t.rotation}, randaugment {t.randaugment}, device {device} "
               f"({torch.cuda.get_device_name() if device.type == 'cuda' else cpu_name()}), "
               f"torch threads {torch.get_num_threads()}")
-        feed = loader_only(cfg, shards, args.warmup, args.steps)
-        fed = timed_steps(cfg, loader_batches(cfg, shards, args.warmup + args.steps), device, args.warmup, args.steps, t.amp)
-        mem = timed_steps(cfg, memory_batches(cfg), device, args.warmup, args.steps, t.amp)
-    print("| setting | images/s |")
-    print("|---|---|")
-    print(f"| shard loader alone (decode + augment, {t.workers} workers) | {feed:.1f} |")
-    print(f"| training fed by the shard loader | {fed:.1f} |")
-    print(f"| training fed from memory | {mem:.1f} |")
-    print(f"| ratio loader-fed / in-memory | {fed / mem:.2f} |")
+        # alternate the two feeds so a load change on a shared machine hits both alike; report the median round
+        feed, fed, mem = [], [], []
+        for _ in range(args.rounds):
+            feed.append(loader_only(cfg, shards, args.warmup, args.steps))
+            fed.append(timed_steps(cfg, loader_batches(cfg, shards, args.warmup + args.steps), device, args.warmup, args.steps, t.amp))
+            mem.append(timed_steps(cfg, memory_batches(cfg), device, args.warmup, args.steps, t.amp))
+    print(f"# load average (1, 5, 15 min) at the end: {', '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    quiet = max(range(args.rounds), key=lambda i: mem[i])  # the round least slowed by other processes
+    print(f"| setting | images/s, median of {args.rounds} rounds | least-contended round | all rounds |")
+    print("|---|---|---|---|")
+    rows = [
+        (f"shard loader alone (decode + augment, {t.workers} workers)", feed),
+        ("training fed by the shard loader", fed),
+        ("training fed from memory", mem),
+        ("ratio loader-fed / in-memory", [a / b for a, b in zip(fed, mem)]),
+    ]
+    for name, values in rows:
+        print(f"| {name} | {statistics.median(values):.2f} | {values[quiet]:.2f} | {', '.join(f'{v:.2f}' for v in values)} |")
     if device.type == "cuda":
         for amp in ("none", "bf16", "fp16"):
             speed = timed_steps(cfg, memory_batches(cfg), device, args.warmup, args.steps, amp)
-            print(f"| GPU in-memory, amp {amp} | {speed:.1f} |")
+            print(f"| GPU in-memory, amp {amp} | {speed:.1f} | | |")
 
 
 if __name__ == "__main__":

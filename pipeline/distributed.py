@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from pipeline import runtime
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -41,11 +43,9 @@ def dist_env() -> DistInfo:
 
 
 def resolve_device(name: str, info: DistInfo | None = None) -> torch.device:
-    """``auto`` -> this process's GPU (``cuda:LOCAL_RANK``) when CUDA is available, else the CPU."""
+    """``pipeline.runtime.resolve_device`` plus this process's GPU index (``LOCAL_RANK``) for a bare ``cuda``."""
     info = info or dist_env()
-    if name == "auto":
-        return torch.device("cuda", info.local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    device = torch.device(name)
+    device = runtime.resolve_device(name, "train.device")
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", info.local_rank)
     return device

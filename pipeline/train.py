@@ -7,7 +7,9 @@ every update), ``Mixup`` with ``SoftTargetCrossEntropy``, RandAugment, stochasti
 Reproducibility. Every epoch's randomness is derived from ``(train.seed, epoch)`` when the epoch starts: the
 shard order, the shuffle buffers, augmentation, mixup and dropout. An epoch is therefore a pure function of
 the state at its start, which ``last.pt`` holds, so a run killed anywhere and resumed from the last finished
-epoch ends with the same weights as an uninterrupted one (bit for bit on the CPU with ``deterministic: true``).
+epoch ends with the same weights as an uninterrupted one: bit for bit on the CPU with ``deterministic: true`` on
+the same machine, ``train.workers`` and world size (the data order depends on the reader slots, float sums on
+the thread count).
 
 Data. Each rank runs ``train_samples // (world_size * batch_size)`` steps per epoch (every rank the same
 number, as DDP requires). The reading work is split into units: each shard, cut into ``ceil(slots / shards)``

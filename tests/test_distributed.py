@@ -15,6 +15,7 @@ import torch
 
 from pipeline import distributed as D
 from pipeline.config import dump_params, load_config
+from pipeline.errors import ConfigError
 from pipeline.prepare import write_prepared
 from pipeline.shards import write_shards
 from pipeline.sources.arrays import ArraySource
@@ -41,12 +42,16 @@ def test_single_process_helpers_are_no_ops() -> None:
     assert D.init_distributed(torch.device("cpu")) == (D.dist_env(), False)
 
 
-def test_resolve_device() -> None:
+def test_resolve_device_picks_the_local_rank_gpu() -> None:
     info = D.DistInfo(rank=1, world_size=2, local_rank=1)
     assert D.resolve_device("cpu", info) == torch.device("cpu")
-    assert D.resolve_device("cuda", info) == torch.device("cuda", 1)
     expected = torch.device("cuda", 1) if torch.cuda.is_available() else torch.device("cpu")
     assert D.resolve_device("auto", info) == expected
+    if torch.cuda.is_available():
+        assert D.resolve_device("cuda", info) == torch.device("cuda", 1)
+    else:
+        with pytest.raises(ConfigError, match="train.device"):
+            D.resolve_device("cuda", info)
 
 
 DRIVER = textwrap.dedent(

@@ -158,21 +158,23 @@ def test_resume_after_sigkill_mid_epoch_is_exact(shards: Path, reference_run: Pa
     dump_params(cfg, params)
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "pipeline.train", "--params", str(params), "--shards", str(shards), "--out", str(out), "--quiet"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 300
-        while not (out / T.LAST).exists():
-            assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
-            assert time.monotonic() < deadline, "epoch 1 never finished"
-            time.sleep(0.02)
-        time.sleep(0.1)  # epoch 2 has begun: its workers alone take longer than this to start and fill the buffer
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
+    log = tmp_path / "stderr.txt"
+    with open(log, "wb") as err:
+        proc = subprocess.Popen(cmd, cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL, stderr=err)
+        try:
+            deadline = time.monotonic() + 300
+            while not (out / T.LAST).exists():
+                assert proc.poll() is None, log.read_text()[-3000:]
+                assert time.monotonic() < deadline, "epoch 1 never finished"
+                time.sleep(0.02)
+            time.sleep(0.1)  # epoch 2 has begun: its workers alone take longer than this to start and fill the buffer
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=30)
-    assert proc.returncode == -signal.SIGKILL
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL, log.read_text()[-3000:]
     killed_at = load_checkpoint(out / T.LAST)["epoch"]
     assert 1 <= killed_at < 3
 

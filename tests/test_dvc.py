@@ -62,3 +62,12 @@ def test_dvc_repro_data_stages_noop_and_seed_change(project: Path):
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     third = _run(["dvc", "repro", "shard"], project)
     assert _ran(third) == ["shard"], third
+
+
+def test_dvc_repro_runs_train_calibrate_evaluate(project: Path):
+    out = _run(["dvc", "repro"], project)
+    assert _ran(out) == ["prepare", "validate", "shard", "train", "calibrate", "evaluate"], out
+    assert (project / "data/train/best.pt").is_file() and (project / "data/eval/confusion.png").is_file()
+    metrics = _run(["dvc", "metrics", "show", "--json"], project)
+    assert "top1" in metrics and "macro_f1" in metrics
+    assert _ran(_run(["dvc", "repro"], project)) == []

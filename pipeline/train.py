@@ -43,7 +43,7 @@ import warnings
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -93,7 +93,7 @@ METRICS = "metrics.json"
 HISTORY_COLUMNS = ("epoch", "train_loss", "val_loss", "val_top1", "val_macro_f1", "lr", "images_per_s")
 REPLAY_PER_CLASS = 16
 VAL_MIN_BATCH = 64
-LOSS_SYNC_EVERY = 10  # steps between host syncs of the running loss (progress bar only)
+LOSS_SYNC_EVERY = 10  # steps between GPU->host syncs of the running loss (progress bar only; every step on CPU)
 
 Sample = tuple[dict[str, Any], int]
 
@@ -444,7 +444,7 @@ class _Run:
     bad_epochs: int = 0
     stopped_early: bool = False
     wall_time_s: float = 0.0
-    history: list[dict[str, Any]] | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
 
     def autocast(self) -> Any:
         if self.autocast_dtype is None:
@@ -482,7 +482,7 @@ class _Run:
 
     def state(self) -> dict[str, Any]:
         return {
-            "history": self.history or [],
+            "history": self.history,
             "best_epoch": self.best_epoch,
             "stopped_early": self.stopped_early,
             "wall_time_s": self.wall_time_s,
@@ -581,7 +581,7 @@ def _train_epoch(run: _Run, mixup: Mixup | None, loss_fn: torch.nn.Module, progr
         loss_sum += loss.detach().to(torch.float64)
         seen += len(labels)
         bar.update(1)
-        if progress and run.info.is_main and (step + 1) % LOSS_SYNC_EVERY == 0:
+        if progress and run.info.is_main and (run.device.type == "cpu" or (step + 1) % LOSS_SYNC_EVERY == 0):
             elapsed = time.perf_counter() - start
             bar.set_postfix(loss=f"{float(loss_sum) / (step + 1):.4f}", img_s=f"{seen * run.info.world_size / elapsed:.1f}")
     bar.close()
@@ -665,7 +665,7 @@ def _setup(cfg: Config, shards_dir: Path, info: DistInfo, device: torch.device) 
         cfg=cfg, info=info, device=device, class_names=class_names, model=model, net=model, optimizer=optimizer,
         scheduler=scheduler, scaler=scaler, ema=ema, autocast_dtype=dtype, steps=steps,
         train_urls=tuple(shard_urls(shards_dir, "train")), val_urls=tuple(shard_urls(shards_dir, "val")),
-        stratify=stratify, history=[],
+        stratify=stratify,
     )
 
 
@@ -738,7 +738,6 @@ def _train(
             "training %s (%.2fM params) on %s x%d: %d steps/epoch of %d, epochs %d..%d",
             cfg.model.name, params / 1e6, device, info.world_size, run.steps, t.batch_size, run.epoch + 1, t.epochs,
         )
-    assert run.history is not None
     while run.epoch < t.epochs and not run.stopped_early:
         epoch_start = time.perf_counter()
         stats = _train_epoch(run, mixup, loss_fn, progress)

@@ -9,6 +9,8 @@ import json
 import math
 import os
 import random
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -22,7 +24,7 @@ import torch
 from PIL import Image
 
 from pipeline import train as T
-from pipeline.augment import TrainTransform, d4_transform, inscribed_side, rotate_crop
+from pipeline.augment import TrainTransform, d4_transform, inscribed_side, normalize_batch, rotate_crop
 from pipeline.checkpoint import FORMAT, load_checkpoint, load_model, save_checkpoint
 from pipeline.config import Config, TrainConfig, dump_params, load_config
 from pipeline.errors import CheckpointError, ConfigError
@@ -30,6 +32,7 @@ from pipeline.prepare import write_prepared
 from pipeline.shards import iter_split, load_manifest, write_shards
 from pipeline.sources.arrays import ArraySource
 from pipeline.sources.synthetic import CLASS_NAMES, generate_arrays
+from pipeline.transforms import eval_transform
 
 ROOT = Path(__file__).resolve().parents[1]
 KEEP = (1, 2, 7, 9)  # Merging, Round Smooth, Unbarred Loose Spiral, Edge-on with Bulge: distinct at 32 px
@@ -127,15 +130,14 @@ def test_learns_synthetic_galaxies_well_above_chance(shards: Path, tmp_path: Pat
     model, loaded_cfg, payload = load_model(tmp_path / "best.pt")
     assert payload["epoch"] == summary["best_epoch"] and loaded_cfg.model.img_size == 32
     assert payload["class_names"] == [CLASS_NAMES[k] for k in KEEP]
-    # best.pt re-scores exactly the reported validation accuracy through the eval preprocessing
-    from pipeline.transforms import eval_transform
-
+    # best.pt re-scores the reported validation accuracy through the eval preprocessing (other batch sizes
+    # may round a near-tie differently, so one sample of slack)
     tf = eval_transform(32, loaded_cfg.train.input_range)
     images, labels = zip(*((tf(np.array(img)), y) for img, y, _ in iter_split(shards, "val")))
     with torch.no_grad():
         preds = model(torch.stack(images)).argmax(1)
     acc = (preds == torch.tensor(labels)).double().mean().item()
-    assert acc == pytest.approx(summary["best"]["val_top1"], abs=1e-6)
+    assert acc == pytest.approx(summary["best"]["val_top1"], abs=1.01 / len(labels))
 
 
 # ---------------------------------------------------------------- exact resume
@@ -157,17 +159,19 @@ def test_resume_after_sigkill_mid_epoch_is_exact(shards: Path, reference_run: Pa
     params = tmp_path / "params.yaml"
     dump_params(cfg, params)
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "pipeline.train", "--params", str(params), "--shards", str(shards), "--out", str(out), "--quiet"]
+    cmd = [sys.executable, "-m", "pipeline.train", "--params", str(params), "--shards", str(shards), "--out", str(out)]
+    env = {k: v for k, v in os.environ.items() if k != "TQDM_DISABLE"}  # the progress bar says where training is
     log = tmp_path / "stderr.txt"
+    # a bar line of epoch 2 or 3 with some but not all of its 6 steps done: the run is inside an epoch
+    inside = re.compile(r"epoch [23]/3:[^\r\n]*\|\s*[1-5]/6\b")
     with open(log, "wb") as err:
-        proc = subprocess.Popen(cmd, cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL, stderr=err)
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=err)
         try:
             deadline = time.monotonic() + 300
-            while not (out / T.LAST).exists():
+            while not inside.search(log.read_text(errors="replace")):
                 assert proc.poll() is None, log.read_text()[-3000:]
-                assert time.monotonic() < deadline, "epoch 1 never finished"
-                time.sleep(0.02)
-            time.sleep(0.1)  # epoch 2 has begun: its workers alone take longer than this to start and fill the buffer
+                assert time.monotonic() < deadline, "never saw an epoch after the first in progress"
+                time.sleep(0.005)
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=30)
         finally:
@@ -175,8 +179,7 @@ def test_resume_after_sigkill_mid_epoch_is_exact(shards: Path, reference_run: Pa
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(timeout=30)
     assert proc.returncode == -signal.SIGKILL, log.read_text()[-3000:]
-    killed_at = load_checkpoint(out / T.LAST)["epoch"]
-    assert 1 <= killed_at < 3
+    assert load_checkpoint(out / T.LAST)["epoch"] in (1, 2)
 
     summary = T.train(cfg, shards, out, resume=True, progress=False)
     assert summary["epochs_run"] == 3
@@ -222,8 +225,6 @@ def test_seed_decides_the_weights(shards: Path, tmp_path: Path) -> None:
 
 
 def test_resume_of_finished_run_trains_nothing(shards: Path, reference_run: Path, tmp_path: Path) -> None:
-    import shutil
-
     shutil.copytree(reference_run, tmp_path, dirs_exist_ok=True)
     before = (tmp_path / T.LAST).read_bytes()
     summary = T.train(_cfg(*RESUME, "train.workers=2"), shards, tmp_path, resume=True, progress=False)
@@ -344,9 +345,6 @@ def test_train_transform_with_everything_on_keeps_shape_and_dtype() -> None:
 
 
 def test_normalize_batch_matches_eval_transform() -> None:
-    from pipeline.augment import normalize_batch
-    from pipeline.transforms import eval_transform
-
     img = _image()
     for input_range in ("imagenet", "minus_one_one"):
         batch = torch.from_numpy(img[None]).permute(0, 3, 1, 2)

@@ -64,6 +64,19 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
         proc.wait(timeout=10)
 
 
+class RetryBusy(httpx.HTTPTransport):
+    """Retry 503s as Prefect's own client does: the server answers 503 when SQLite is busy (retryable)."""
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        for attempt in range(8):
+            response = super().handle_request(request)
+            if response.status_code != 503:
+                return response
+            response.close()
+            time.sleep(min(0.5 * 2**attempt, 8))
+        return super().handle_request(request)
+
+
 def _wait(what: str, check: Any, timeout: float, procs: list[tuple[str, subprocess.Popen[bytes], Path]]) -> Any:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -95,7 +108,9 @@ class Stack:
     def run(self, deployment: dict[str, Any], parameters: dict[str, Any], timeout: float) -> dict[str, Any]:
         """Create a flow run the way the UI's run form does, then wait for a terminal state."""
         r = self.api.post(f"/deployments/{deployment['id']}/create_flow_run", json={"parameters": parameters})
-        r.raise_for_status()
+        if not r.is_success:
+            tails = "\n".join(f"--- {name}\n{log.read_text()[-3000:]}" for name, _, log in self.procs)
+            pytest.fail(f"create_flow_run answered {r.status_code}: {r.text[:500]}\n{tails}")
         run_id = r.json()["id"]
 
         def finished() -> dict[str, Any] | None:
@@ -135,7 +150,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         proc = subprocess.Popen(cmd, cwd=workdir, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
         procs.append((name, proc, log))
 
-    api = httpx.Client(base_url=api_url, timeout=30)
+    api = httpx.Client(base_url=api_url, timeout=30, transport=RetryBusy())
     try:
         start("server", [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)])
 

@@ -108,7 +108,7 @@ def main() -> None:
         "",
         f"**ratio chain / raw read: {ratio:.3f}** (target >= 0.25: {'met' if ratio >= 0.25 else 'NOT met'})",
         "",
-        f"peak RSS: main process {self_mb:.0f} MB, largest encoder worker {child_mb:.0f} MB",
+        f"peak RSS: main process {self_mb:.0f} MB (the stages run in it; encoding uses threads), largest child process {child_mb:.0f} MB",
     ]
     text = "\n".join(lines)
     print(text)

@@ -122,7 +122,7 @@ class ShardConfig(Section):
     jpeg_quality: int = Field(95, ge=1, le=100)
     max_samples_per_shard: int = Field(1000, gt=0)
     max_bytes_per_shard: int = Field(256_000_000, gt=0)
-    workers: int = Field(0, ge=0, description="Encoder processes; 0 = one per CPU core.")
+    workers: int = Field(0, ge=0, description="Encoder threads; 0 = one per CPU core.")
 
 
 class ModelConfig(Section):

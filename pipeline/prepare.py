@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -62,13 +63,15 @@ def write_prepared(source: Source, path: Path, data: DataConfig, *, progress: bo
     num_classes = data.num_classes
     hasher = ContentHasher()
     counts = np.zeros(num_classes, dtype=np.int64)
-    with atomic_path(path) as tmp, h5py.File(tmp, "w") as h5:
+    # SHA-256 releases the GIL: hashing chunk k in a thread overlaps reading chunk k+1 (one thread keeps the order)
+    with ThreadPoolExecutor(1, thread_name_prefix="hash") as hashing, atomic_path(path) as tmp, h5py.File(tmp, "w") as h5:
         images = h5.create_dataset("images", shape=(n, *shape), dtype=source.image_dtype)
         ans = h5.create_dataset("ans", shape=(n,), dtype=_label_dtype(num_classes))
         floats = {name: h5.create_dataset(name, shape=(n,), dtype=np.float64) for name in OPTIONAL_FLOAT_FIELDS}
         ids = h5.create_dataset("id", shape=(n,), dtype=h5py.string_dtype())
         src_index = h5.create_dataset("source_index", shape=(n,), dtype=np.int64)
         pos = 0
+        hashed: Future[None] | None = None
         bar = tqdm(total=n, desc="prepare", unit="img", disable=not progress, dynamic_ncols=True)
         for batch in source.iter_batches(data.chunk_size):
             k = len(batch)
@@ -89,10 +92,14 @@ def write_prepared(source: Source, path: Path, data: DataConfig, *, progress: bo
             ids[pos : pos + k] = batch.ids
             src_index[pos : pos + k] = batch.source_index
             counts += np.bincount(labels, minlength=num_classes)
-            hasher.update(batch)
+            if hashed is not None:
+                hashed.result()  # at most one chunk waits for the hasher: memory stays bounded
+            hashed = hashing.submit(hasher.update, batch)
             pos += k
             bar.update(k)
         bar.close()
+        if hashed is not None:
+            hashed.result()
         if pos != n:
             raise DataError(f"{source.describe().get('path')}: source declared {n} records but yielded {pos}")
         summary = {

@@ -106,11 +106,11 @@ def test_interrupted_shard_run_keeps_previous_set(tmp_path, monkeypatch):
     calls = {"n": 0}
     real = shards_mod._encode_many
 
-    def flaky(args):
+    def flaky(*args):
         calls["n"] += 1
         if calls["n"] == 3:
             raise KeyboardInterrupt
-        return real(args)
+        return real(*args)
 
     monkeypatch.setattr(shards_mod, "_encode_many", flaky)
     with pytest.raises(KeyboardInterrupt):

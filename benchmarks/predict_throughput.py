@@ -8,8 +8,8 @@ Measured, each in its own process so that peak RSS (``resource.getrusage``) belo
 
 * ``loop``   : for each file, PIL open, ``eval_transform``, the PyTorch model on one image (the naive script,
   with ``--loop-threads`` torch threads, default torch's own choice);
-* ``model``  : the model alone, on the same backend and threads as predict (``--backend``, ``--threads``), on
-  preprocessed tensors already in memory, batched as predict batches: the ceiling predict can reach;
+* ``model``  : predict's own scoring (``score_stream``: same backend, threads, streams and batch size as predict)
+  on preprocessed tensors already in memory: the ceiling predict can reach;
 * ``folder`` : ``predict`` on the JPEG folder (fresh catalog), and ``h5``: ``predict`` on the HDF5 file.
 
 Usage: ``python benchmarks/predict_throughput.py [--num 5000] [--workers 2] [--threads 0] ...``;
@@ -120,37 +120,40 @@ def phase_loop(args: argparse.Namespace, paths: dict[str, str]) -> dict[str, Any
 
 
 def phase_model(args: argparse.Namespace, paths: dict[str, str]) -> dict[str, Any]:
-    """The ceiling: the model on preprocessed tensors already in memory, same batch size as predict."""
+    """The ceiling: predict's own scoring (same backend, threads, streams, batch size) on preprocessed
+    tensors already in memory, with no decoding, no input reading and no Parquet writing."""
     import h5py
     import torch
 
     from pipeline.checkpoint import load_model
-    from pipeline.transforms import eval_transform
+    from pipeline.predict import _Decoded, _OnnxEngine, _TorchEngine, inference_streams, score_stream
+    from pipeline.runtime import compute_threads
+    from pipeline.transforms import eval_batch_transform
 
-    threads = _set_threads(args.threads)
     model, cfg, payload = load_model(paths["checkpoint"])
-    tf = eval_transform(int(payload["img_size"]), cfg.train.input_range)
+    threads = compute_threads(args.threads, args.workers)
+    device = torch.device("cpu")
+    streams = inference_streams(args.streams, threads, device)
+    per_stream = max(1, threads // streams)
+    tf = eval_batch_transform(int(payload["img_size"]), cfg.train.input_range)
     with h5py.File(paths["h5"], "r") as f:
-        x = torch.stack([tf(img) for img in f["images"][:]])
+        images = f["images"][:]
+    batches = [
+        _Decoded(0, b, [], tf(list(images[lo : lo + args.batch_size])))
+        for b, lo in enumerate(range(0, len(images), args.batch_size))
+    ]
     if args.backend == "onnx":
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = args.threads
-        session = ort.InferenceSession(paths["onnx"], options, providers=["CPUExecutionProvider"])
-        name = session.get_inputs()[0].name
-
-        def forward(batch: torch.Tensor) -> torch.Tensor:
-            return torch.from_numpy(session.run(None, {name: batch.numpy()})[0])
+        engine: Any = _OnnxEngine(Path(paths["onnx"]), device, per_stream)
+        torch.set_num_threads(1)  # as predict does: torch only glues, and its idle OpenMP threads would spin
     else:
-        forward = model
-    with torch.inference_mode():
-        forward(x[: args.batch_size])
-        start = time.perf_counter()
-        for lo in range(0, len(x), args.batch_size):
-            forward(x[lo : lo + args.batch_size]).softmax(1)
-        elapsed = time.perf_counter() - start
-    return {"images": len(x), "seconds": elapsed, "images_per_s": len(x) / elapsed, "threads": threads}
+        engine = _TorchEngine(model, device, "none")
+        torch.set_num_threads(per_stream)
+    run = lambda bs: sum(len(p) for _, p in score_stream(engine, bs, streams, tta=False, temperature=1.0, num_classes=10))  # noqa: E731
+    run(batches[:2])  # warm-up
+    start = time.perf_counter()
+    n = run(batches)
+    elapsed = time.perf_counter() - start
+    return {"images": n, "seconds": elapsed, "images_per_s": n / elapsed, "threads": threads, "streams": streams}
 
 
 def phase_predict(args: argparse.Namespace, paths: dict[str, str], which: str) -> dict[str, Any]:
@@ -164,6 +167,7 @@ def phase_predict(args: argparse.Namespace, paths: dict[str, str], which: str) -
             "predict.device=cpu",
             f"predict.workers={args.workers}",
             f"predict.threads={args.threads}",
+            f"predict.streams={args.streams}",
             f"predict.batch_size={args.batch_size}",
             f"predict.chunk_size={args.chunk_size}",
             f"predict.backend={args.backend}",
@@ -174,7 +178,7 @@ def phase_predict(args: argparse.Namespace, paths: dict[str, str], which: str) -
     elapsed = time.perf_counter() - start
     shutil.rmtree(out, ignore_errors=True)
     n = summary["num_written"] + summary["num_errors_new"]
-    return {"images": n, "seconds": elapsed, "images_per_s": n / elapsed, "errors": summary["num_errors"], "threads": args.threads}
+    return {"images": n, "seconds": elapsed, "images_per_s": n / elapsed, "errors": summary["num_errors"], "threads": summary["threads"], "streams": summary["streams"]}
 
 
 def run_phase(args: argparse.Namespace, phase: str) -> dict[str, Any]:
@@ -196,6 +200,7 @@ def main() -> None:
     parser.add_argument("--chunk-size", type=int, default=1024)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--threads", type=int, default=0, help="inference threads of predict and model-alone; 0 = library default")
+    parser.add_argument("--streams", type=int, default=0, help="batches scored at once (predict.streams); 0 = predict's default")
     parser.add_argument("--loop-threads", type=int, default=0, help="torch threads of the per-image loop; 0 = torch's default")
     parser.add_argument("--backend", default="torch", choices=["torch", "onnx"])
     parser.add_argument("--loop-limit", type=int, default=1000, help="images timed in the per-image loop (a rate)")
@@ -221,7 +226,7 @@ def main() -> None:
             rounds[p].append(run_phase(args, p))
     best = {p: max(rs, key=lambda r: r["images_per_s"]) for p, rs in rounds.items()}
     model_rate, loop_rate = best["model"]["images_per_s"], best["loop"]["images_per_s"]
-    settings = {k: getattr(args, k) for k in ("num", "size", "model", "img_size", "batch_size", "chunk_size", "workers", "threads", "loop_threads", "backend", "loop_limit", "repeats")}
+    settings = {k: getattr(args, k) for k in ("num", "size", "model", "img_size", "batch_size", "chunk_size", "workers", "threads", "streams", "loop_threads", "backend", "loop_limit", "repeats")}
     report = {
         "settings": settings,
         "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "python": platform.python_version(), "load_avg": os.getloadavg()},

@@ -203,6 +203,9 @@ class PredictConfig(Section):
     threads: int = Field(
         0, ge=0, description="CPU threads for inference (torch and onnxruntime); 0 = one per core not taken by a worker."
     )
+    streams: int = Field(
+        0, ge=0, description="Batches scored at once, each on threads/streams threads; 0 = one per thread on CPU, 1 on GPU."
+    )
 
 
 class RegistryConfig(Section):

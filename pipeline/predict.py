@@ -24,7 +24,9 @@ import math
 import os
 import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections import deque
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,7 +43,7 @@ from pipeline.errors import AstroflowError, CheckpointError, ConfigError, DataEr
 from pipeline.inputs import InputReader, Record, check_image, open_input, plan_chunks
 from pipeline.runtime import compute_threads as inference_threads, resolve_device
 from pipeline.io import read_json
-from pipeline.transforms import d4_views, eval_transform
+from pipeline.transforms import d4_views, eval_batch_transform
 
 CALIBRATION_FILE = "calibration.json"
 EXIT_PARTIAL = 3
@@ -99,25 +101,31 @@ class _BatchDecoder(torch.utils.data.Dataset):
     def __init__(self, reader: InputReader, img_size: int, input_range: str) -> None:
         self.reader = reader
         self.img_size = img_size
-        self.transform = eval_transform(img_size, input_range)
+        self.transform = eval_batch_transform(img_size, input_range)
 
     def __getitem__(self, spec: tuple[int, int, list[Any]]) -> _Decoded:
         chunk, batch, items = spec
         records = self.reader.load(items)
-        tensors = []
         for rec in records:
             if rec.error is None:
                 rec.error = check_image(rec.image)
-            if rec.error is None and not rec.image.flags.writeable:
-                rec.image = rec.image.copy()  # torch refuses to wrap read-only arrays (PIL's, h5py's) without a warning
-            if rec.error is None:
-                try:
-                    tensors.append(self.transform(rec.image))
-                except Exception as exc:  # a preprocessing failure is this image's problem only
-                    rec.error = f"preprocessing failed: {type(exc).__name__}: {exc}"
+        good = [rec for rec in records if rec.error is None]
+        try:
+            x = self.transform([rec.image for rec in good]) if good else torch.empty(0, 3, self.img_size, self.img_size)
+        except Exception:  # find the image(s) at fault: a preprocessing failure is that image's problem only
+            x = self._one_by_one(good)
+        for rec in records:
             rec.image = None
-        x = torch.stack(tensors) if tensors else torch.empty(0, 3, self.img_size, self.img_size)
         return _Decoded(chunk, batch, records, x)
+
+    def _one_by_one(self, records: list[Record]) -> torch.Tensor:
+        tensors = []
+        for rec in records:
+            try:
+                tensors.append(self.transform([rec.image])[0])
+            except Exception as exc:
+                rec.error = f"preprocessing failed: {type(exc).__name__}: {exc}"
+        return torch.stack(tensors) if tensors else torch.empty(0, 3, self.img_size, self.img_size)
 
 
 def _identity(x: Any) -> Any:
@@ -175,6 +183,48 @@ def scores(engine: _TorchEngine | _OnnxEngine, x: torch.Tensor, *, tta: bool, te
     else:
         z = engine.logits(x)
     return torch.softmax(z.double().cpu() / temperature, dim=1).numpy()
+
+
+def inference_streams(streams: int, threads: int, device: torch.device) -> int:
+    """Batches in flight: ``streams`` if set, else one per compute thread on CPU and one on a GPU.
+
+    On CPU, single-threaded streams beat one multi-threaded call for cutout-sized models: a batch's
+    small layers leave intra-op threads idle, and other streams fill the gaps (and the decode and
+    commit work) instead (docs/catalog.md, benchmarks/results/predict_throughput_cpu.md).
+    """
+    if streams:
+        return streams
+    return 1 if device.type != "cpu" else max(1, threads)
+
+
+def score_stream(
+    engine: _TorchEngine | _OnnxEngine, batches: Iterable[_Decoded], streams: int, *, tta: bool, temperature: float, num_classes: int
+) -> Iterator[tuple[_Decoded, np.ndarray]]:
+    """``(batch, probabilities)`` in input order, with up to ``streams`` batches scored at once in threads.
+
+    onnxruntime and torch release the GIL while they compute, so the streams run in parallel.
+    """
+
+    def score(dec: _Decoded) -> np.ndarray:
+        if not len(dec.x):
+            return np.zeros((0, num_classes))
+        with torch.inference_mode():  # thread-local: entered in the thread that scores
+            return scores(engine, dec.x, tta=tta, temperature=temperature)
+
+    if streams <= 1:
+        for dec in batches:
+            yield dec, score(dec)
+        return
+    with ThreadPoolExecutor(streams, thread_name_prefix="score") as pool:
+        pending: deque[tuple[_Decoded, Future[np.ndarray]]] = deque()
+        for dec in batches:
+            pending.append((dec, pool.submit(score, dec)))
+            if len(pending) > streams:  # one batch queued beyond the streams: a freed stream starts at once
+                done, future = pending.popleft()
+                yield done, future.result()
+        while pending:
+            done, future = pending.popleft()
+            yield done, future.result()
 
 
 def _onnx_model(checkpoint: Path, mid: str, out_root: Path, notes: list[str]) -> Path:
@@ -431,6 +481,7 @@ def _predict_chunks(cfg: Config, checkpoint: Path, out_root: Path, s: _Setup, ch
         "num_written": stats["written"],
         "num_errors_new": stats["errors"],
         "threads": stats.get("threads"),
+        "streams": stats.get("streams"),
         "elapsed_s": round(time.perf_counter() - start, 3),
         "notes": s.notes,
     }
@@ -471,8 +522,9 @@ def finalize_run(
             "errors": sum(int(r.get("num_errors_new", 0)) for r in chunk_results),
             "new_chunks": sum(int(r.get("num_new_chunks", 0)) for r in chunk_results),
         }
-        threads = [r["threads"] for r in chunk_results if r.get("threads")]
-        stats["threads"] = max(threads) if threads else None
+        for key in ("threads", "streams"):
+            values = [r[key] for r in chunk_results if r.get(key)]
+            stats[key] = max(values) if values else None
         status = "complete" if stats["new_chunks"] or run.complete is None else "up_to_date"
         if not num_chunks:
             s.notes.append(f"the input holds no images: {s.reader.describe()}")
@@ -551,11 +603,13 @@ def _run_chunks(
     )
     batches = iter(loader)  # workers fork here, before the model is built, so they never carry it
     n_threads = inference_threads(pc.threads, pc.workers)
-    stats["threads"] = n_threads
+    streams = inference_streams(pc.streams, n_threads, device)
+    stream_threads = max(1, n_threads // streams)
+    stats["threads"], stats["streams"] = n_threads, streams
     if pc.backend == "onnx":
         if pc.amp != "none":
             notes.append("predict.amp is ignored by the onnx backend")
-        engine: _TorchEngine | _OnnxEngine = _OnnxEngine(_onnx_model(checkpoint, mid, out_root, notes), device, n_threads)
+        engine: _TorchEngine | _OnnxEngine = _OnnxEngine(_onnx_model(checkpoint, mid, out_root, notes), device, stream_threads)
     else:
         from pipeline.checkpoint import build_model
 
@@ -565,17 +619,16 @@ def _run_chunks(
     total = reader.num_items if selected is None else None
     bar = tqdm(total=total, initial=done_items, desc="predict", unit="img", disable=not progress, dynamic_ncols=True)
     threads = torch.get_num_threads()
-    torch.set_num_threads(n_threads)
+    # With onnxruntime, torch only glues (softmax of a few logits): one torch thread, because its idle OpenMP
+    # threads spin on the cores onnxruntime's threads need (measured: 2-thread ORT 1,100 -> 1,900 img/s).
+    torch.set_num_threads(1 if pc.backend == "onnx" else stream_threads)
     try:
-        with torch.inference_mode():
-            for dec in batches:
-                ok = [r for r in dec.records if r.error is None]
-                probs = scores(engine, dec.x, tta=pc.tta, temperature=s.temperature) if ok else np.zeros((0, len(class_names)))
-                state = states[dec.chunk]
-                state.parts[dec.batch] = (dec.records, probs)
-                bar.update(len(dec.records))
-                if len(state.parts) == state.num_batches:
-                    _commit(run, dec.chunk, states.pop(dec.chunk), schema, class_names, const, stats)
+        for dec, probs in score_stream(engine, batches, streams, tta=pc.tta, temperature=s.temperature, num_classes=len(class_names)):
+            state = states[dec.chunk]
+            state.parts[dec.batch] = (dec.records, probs)
+            bar.update(len(dec.records))
+            if len(state.parts) == state.num_batches:
+                _commit(run, dec.chunk, states.pop(dec.chunk), schema, class_names, const, stats)
     finally:
         torch.set_num_threads(threads)
         bar.close()
@@ -633,6 +686,7 @@ def _summary(run: Run, class_names: list[str], low_confidence: float, stats: dic
         "class_counts": counts,
         "low_confidence": {"threshold": low_confidence, "count": low},
         "threads": stats.get("threads"),
+        "streams": stats.get("streams"),
         "elapsed_s": round(elapsed, 3),
         "images_per_s": round((stats["written"] + stats["errors"]) / elapsed, 1) if elapsed > 0 else None,
     }

@@ -32,7 +32,7 @@ from pipeline.predict import finalize_run, main, plan_run, predict
 from pipeline.prepare import write_prepared
 from pipeline.shards import write_shards
 from pipeline.sources.arrays import ArraySource
-from pipeline.transforms import eval_transform
+from pipeline.transforms import eval_batch_transform, eval_transform
 
 MODEL, SIZE = "astroformer_pico", 32
 REPO = Path(__file__).resolve().parents[1]
@@ -450,6 +450,32 @@ def test_bad_images_go_to_the_errors_table(tmp_path: Path, ckpt: Path, capsys: p
     assert "square" in errors.loc["wide", "reason"]
     assert list(C.errors_dataset(out).schema.names) == C.ERROR_SCHEMA.names + ["run"]
     assert sorted(check_catalog(out, summary["run_id"])["id"]) == [f"ok{i}" for i in range(9)]
+
+
+def test_streams_give_the_rows_and_probabilities_of_one_stream(tmp_path: Path, ckpt: Path) -> None:
+    folder = tmp_path / "pile"
+    for i, img in enumerate(images(13, seed=21)):
+        write_png(folder / f"a{i:02d}.png", img)
+    for i, img in enumerate(images(6, seed=22, size=48)):  # another size in the same batches
+        write_png(folder / f"b{i:02d}.png", img)
+    (folder / "c_corrupt.png").write_bytes(b"\x89PNG broken" * 10)
+    runs = {}
+    for streams in (1, 3):
+        s = predict(config(streams=streams, threads=3), ckpt, folder, tmp_path / f"cat{streams}", progress=False)
+        assert (s["streams"], s["num_written"], s["num_errors"]) == (streams, 19, 1)
+        runs[streams] = check_catalog(tmp_path / f"cat{streams}", s["run_id"]).sort_values("id").reset_index(drop=True)
+    pd.testing.assert_frame_equal(runs[1].drop(columns=["run_ts"]), runs[3].drop(columns=["run_ts"]))
+
+
+def test_batch_transform_equals_the_per_image_transform() -> None:
+    batch = [images(1, seed=i, size=size)[0] for i, size in enumerate((SIZE, 48, SIZE, 2 * SIZE, 48))]
+    for input_range in ("imagenet", "minus_one_one"):
+        one = eval_transform(SIZE, input_range)
+        together = eval_batch_transform(SIZE, input_range)(batch)
+        assert together.shape == (len(batch), 3, SIZE, SIZE)
+        for img, row in zip(batch, together):
+            assert torch.equal(row, one(img))
+        assert torch.equal(eval_batch_transform(SIZE, input_range)(batch[:1] * 3)[2], one(batch[0]))
 
 
 def test_corrupt_and_truncated_hdf5_rows(tmp_path: Path, ckpt: Path) -> None:

@@ -17,6 +17,7 @@ from typing import Any
 
 from pipeline.config import Config, dump_params, load_config
 from pipeline.errors import AstroflowError, ValidationFailed
+from pipeline.io import atomic_write_json
 from pipeline.layout import Layout
 
 DATASET = "dataset.h5"
@@ -156,6 +157,8 @@ def cmd_predict(cfg: Config, layout: Layout, args: argparse.Namespace) -> dict[s
         progress=not args.quiet,
     )
     print(json.dumps(summary, indent=2, default=str))
+    if args.summary is not None:
+        atomic_write_json(layout.resolve(args.summary), json.loads(json.dumps(summary, default=str)))
     if summary.get("num_errors"):
         _say(f"{summary['num_errors']} input(s) could not be classified; see the errors table")
         raise SystemExit(3)
@@ -236,6 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     subs["predict"].add_argument("--output", type=Path, default=None, help="catalog root (default: predict.output)")
     subs["predict"].add_argument("--backend", choices=["torch", "onnx"], default=None)
     subs["predict"].add_argument("--tta", action="store_true", help="average the 8 rotations/flips")
+    subs["predict"].add_argument("--summary", type=Path, default=None, help="also write the run summary JSON here (the DVC stage's metrics file)")
     subs["export"].add_argument("--format", choices=["onnx"], default="onnx")
     subs["export"].add_argument("--checkpoint", type=Path, default=None)
     subs["export"].add_argument("--output", type=Path, default=None)

@@ -44,6 +44,7 @@ from pipeline.errors import DataError
 
 InputKind = Literal["h5", "shards", "folder", "zoobot"]
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+IMAGE_FORMATS = ("JPEG", "PNG")
 H5_SUFFIXES = (".h5", ".hdf5", ".hdf")
 TABLE_SUFFIXES = (".csv", ".parquet", ".pq")
 ZOOBOT_ID, ZOOBOT_PATH = "id_str", "file_loc"
@@ -135,8 +136,11 @@ def check_image(image: np.ndarray) -> str | None:
 
 
 def read_image_file(path: str | Path) -> np.ndarray:
-    """Decode a JPEG/PNG fully (so a truncated file fails here) into an HWC uint8 RGB array."""
-    with Image.open(path) as im:
+    """Decode a JPEG/PNG fully (so a truncated file fails here) into an HWC uint8 RGB array.
+
+    Only the JPEG and PNG decoders are tried: Pillow otherwise loads and probes every format plugin it has.
+    """
+    with Image.open(path, formats=IMAGE_FORMATS) as im:
         im.load()
         if im.mode != "RGB":
             bands = len(im.getbands())

@@ -14,6 +14,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from flows import _fork  # noqa: F401  (Prefect 3.8 fork-exit bug workaround; see the module)
 from pipeline.config import Config, config_from_dict, load_config
 
 # A flow parameter named after the ``validate`` section shadows pydantic's deprecated BaseModel.validate

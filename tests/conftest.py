@@ -56,14 +56,3 @@ def h5_overrides(path: Path, size: int = 16) -> list[str]:
         f"validate.image_shape=[{size},{size},3]",
         "shard.max_samples_per_shard=20",
     ]
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Run the Prefect modules last.
-
-    After ``prefect_test_harness`` exits, DataLoader workers forked later in the same pytest process die at
-    start (exit code 1); flows themselves are unaffected (their own stages fork workers fine while the
-    harness runs). Known issue, see docs/orchestration.md; ordering keeps the other modules independent of it.
-    """
-    last = {"test_flows.py", "test_prefect_server.py"}
-    items.sort(key=lambda item: Path(str(item.fspath)).name in last)

@@ -508,3 +508,45 @@ def test_serve_builds_both_deployments(tmp_path: Path) -> None:
     assert {"data", "validate", "split", "shard", "model", "train", "evaluate", "calibrate", "registry"} <= set(props)
     assert props["train"]["$ref"].endswith("TrainConfig")
 
+
+
+FORK_AFTER_PREFECT = """
+import multiprocessing as mp
+import torch
+import flows
+from prefect import flow
+from prefect.testing.utilities import prefect_test_harness
+
+@flow
+def one() -> int:
+    return 1
+
+class Items(torch.utils.data.Dataset):
+    def __len__(self):
+        return 6
+    def __getitem__(self, i):
+        return i
+
+def child():
+    pass
+
+if __name__ == "__main__":
+    with prefect_test_harness():
+        assert one() == 1
+    print(sorted(int(x) for x in torch.utils.data.DataLoader(Items(), num_workers=2)))
+    p = mp.get_context("fork").Process(target=child)
+    p.start()
+    p.join()
+    print("child exit", p.exitcode)
+"""
+
+
+def test_forked_children_exit_cleanly_after_prefect_ran(tmp_path: Path) -> None:
+    """Prefect 3.8 leaves a drain at exit that fails in fork children; flows._fork keeps their exit status 0."""
+    import subprocess
+
+    script = tmp_path / "fork_after_prefect.py"
+    script.write_text(FORK_AFTER_PREFECT)
+    proc = subprocess.run([sys.executable, str(script)], cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "[0, 1, 2, 3, 4, 5]" in proc.stdout and "child exit 0" in proc.stdout, proc.stdout + proc.stderr[-2000:]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import onnx
@@ -18,15 +17,8 @@ from pipeline.config import GALAXY10_CLASS_NAMES, load_config
 from pipeline.errors import CheckpointError
 from pipeline.export import INPUT_NAME, export_onnx, onnx_metadata
 from pipeline.predict import predict
+from test_predict import one_thread  # noqa: F401  (the same autouse single-thread fixture)
 from test_predict import PROBS, SIZE, check_catalog, images, make_checkpoint, write_h5
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Any:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

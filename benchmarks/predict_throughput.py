@@ -148,7 +148,7 @@ def phase_model(args: argparse.Namespace, paths: dict[str, str]) -> dict[str, An
     else:
         engine = _TorchEngine(model, device, "none")
         torch.set_num_threads(per_stream)
-    run = lambda bs: sum(len(p) for _, p in score_stream(engine, bs, streams, tta=False, temperature=1.0, num_classes=10))  # noqa: E731
+    run = lambda bs: sum(len(p) for _, p in score_stream(engine, bs, streams, tta=False, temperature=1.0, num_classes=len(payload["class_names"])))  # noqa: E731
     run(batches[:2])  # warm-up
     start = time.perf_counter()
     n = run(batches)

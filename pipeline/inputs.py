@@ -37,14 +37,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
-from PIL import Image
-
 from pipeline.config import stable_hash
 from pipeline.errors import DataError
+from pipeline.image_files import read_image_files
 
 InputKind = Literal["h5", "shards", "folder", "zoobot"]
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
-IMAGE_FORMATS = ("JPEG", "PNG")
 H5_SUFFIXES = (".h5", ".hdf5", ".hdf")
 TABLE_SUFFIXES = (".csv", ".parquet", ".pq")
 ZOOBOT_ID, ZOOBOT_PATH = "id_str", "file_loc"
@@ -133,27 +131,6 @@ def check_image(image: np.ndarray) -> str | None:
     if image.shape[0] != image.shape[1] or image.shape[0] == 0:
         return f"wrong shape {tuple(image.shape)}: cutouts must be square and non-empty"
     return None
-
-
-def read_image_file(path: str | Path) -> np.ndarray:
-    """Decode a JPEG/PNG fully (so a truncated file fails here) into an HWC uint8 RGB array.
-
-    Only the JPEG and PNG decoders are tried: Pillow otherwise loads and probes every format plugin it has.
-    """
-    with Image.open(path, formats=IMAGE_FORMATS) as im:
-        im.load()
-        if im.mode != "RGB":
-            bands = len(im.getbands())
-            raise ValueError(f"image mode {im.mode} ({bands} band(s)), expected RGB (H, W, 3)")
-        return np.asarray(im)
-
-
-def _load_image_record(rec: Record, path: str) -> Record:
-    try:
-        rec.image = read_image_file(path)
-    except Exception as exc:  # any decoder failure is a per-image error, not a run failure
-        rec.error = _reason(exc)
-    return rec
 
 
 class InputReader:
@@ -616,7 +593,13 @@ class FileItem:
 
 class _FileInput(InputReader):
     def _load(self, items: list[FileItem]) -> list[Record]:
-        return [_load_image_record(Record(it.id, it.path, it.row, it.ra, it.dec), it.path) for it in items]
+        records = [Record(it.id, it.path, it.row, it.ra, it.dec) for it in items]
+        for rec, image in zip(records, read_image_files([it.path for it in items])):
+            if isinstance(image, np.ndarray):
+                rec.image = image
+            else:
+                rec.error = _reason(image)
+        return records
 
 
 class FolderInput(_FileInput):

@@ -32,7 +32,7 @@ from pipeline.predict import finalize_run, main, plan_run, predict
 from pipeline.prepare import write_prepared
 from pipeline.shards import write_shards
 from pipeline.sources.arrays import ArraySource
-from pipeline.transforms import eval_batch_transform, eval_transform
+from pipeline.transforms import eval_batch_transform, eval_transform, normalization
 
 MODEL, SIZE = "astroformer_pico", 32
 REPO = Path(__file__).resolve().parents[1]
@@ -476,6 +476,10 @@ def test_batch_transform_equals_the_per_image_transform() -> None:
         for img, row in zip(batch, together):
             assert torch.equal(row, one(img))
         assert torch.equal(eval_batch_transform(SIZE, input_range)(batch[:1] * 3)[2], one(batch[0]))
+        mean, std = (np.array(v, np.float32)[:, None, None] for v in normalization(input_range))
+        reference = (batch[0].transpose(2, 0, 1).astype(np.float32) / 255 - mean) / std
+        np.testing.assert_allclose(together[0].numpy(), reference, rtol=0, atol=1e-6)
+        assert together.is_contiguous()  # a channels-last batch makes every later op strided (and onnx copies it)
 
 
 def test_corrupt_and_truncated_hdf5_rows(tmp_path: Path, ckpt: Path) -> None:

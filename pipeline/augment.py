@@ -25,7 +25,7 @@ from timm.data.auto_augment import rand_augment_transform
 from timm.data.transforms import RandomResizedCropAndInterpolation
 
 from pipeline.config import TrainConfig
-from pipeline.transforms import normalization
+from pipeline.transforms import normalization, normalize_
 
 CROP_SCALE = (0.8, 1.0)
 CROP_RATIO = (3 / 4, 4 / 3)
@@ -105,7 +105,4 @@ def train_transform(train: TrainConfig, img_size: int) -> Callable[[np.ndarray],
 
 def normalize_batch(images: torch.Tensor, input_range: str) -> torch.Tensor:
     """NCHW uint8 -> normalised float, with ``eval_transform``'s arithmetic so train and eval inputs agree."""
-    mean, std = normalization(input_range)
-    mean_t = torch.tensor(mean, device=images.device).view(1, 3, 1, 1)
-    std_t = torch.tensor(std, device=images.device).view(1, 3, 1, 1)
-    return (images.float().div_(255.0) - mean_t) / std_t
+    return normalize_(images.to(torch.float32, copy=True).div_(255.0), input_range)

@@ -37,6 +37,12 @@ def to_float_tensor(images: np.ndarray | torch.Tensor) -> torch.Tensor:
     return t.permute(0, 3, 1, 2).contiguous().float().div_(255.0)
 
 
+def normalize_(x: torch.Tensor, input_range: str) -> torch.Tensor:
+    """``(x - mean) / std`` in place on an NCHW float batch in [0, 1]: the one normalisation train and eval share."""
+    mean, std = normalization(input_range)
+    return x.sub_(torch.tensor(mean, device=x.device).view(1, 3, 1, 1)).div_(torch.tensor(std, device=x.device).view(1, 3, 1, 1))
+
+
 def eval_transform(img_size: int, input_range: str) -> Callable[[np.ndarray], torch.Tensor]:
     """HWC uint8 image -> normalised CHW float tensor at ``img_size`` (area resize, no crop)."""
     batch = eval_batch_transform(img_size, input_range)
@@ -50,9 +56,7 @@ def eval_batch_transform(img_size: int, input_range: str) -> Callable[[Sequence[
     cost more than the arithmetic at cutout sizes. The result is element for element what
     :func:`eval_transform` gives each image alone.
     """
-    mean, std = normalization(input_range)
-    mean_t = torch.tensor(mean).view(1, 3, 1, 1)
-    std_t = torch.tensor(std).view(1, 3, 1, 1)
+    normalization(input_range)  # an unknown range fails here, not at the first batch
 
     def resize(x: torch.Tensor) -> torch.Tensor:
         if x.shape[-2:] == (img_size, img_size):
@@ -60,18 +64,15 @@ def eval_batch_transform(img_size: int, input_range: str) -> Callable[[Sequence[
         shrink = x.shape[-1] > img_size
         return F.interpolate(x, size=(img_size, img_size), mode="area" if shrink else "bilinear", align_corners=None if shrink else False)
 
-    def normalize(x: torch.Tensor) -> torch.Tensor:
-        return x.sub_(mean_t).div_(std_t)  # in place: x is always a fresh tensor here
-
     def apply(images: Sequence[np.ndarray]) -> torch.Tensor:
         groups: dict[tuple[int, ...], list[int]] = {}
         for i, image in enumerate(images):
             groups.setdefault(image.shape, []).append(i)
         if len(groups) == 1:
-            return normalize(resize(to_float_tensor(np.stack(images))))
+            return normalize_(resize(to_float_tensor(np.stack(images))), input_range)
         out = torch.empty(len(images), 3, img_size, img_size)
         for rows in groups.values():
-            out[rows] = normalize(resize(to_float_tensor(np.stack([images[i] for i in rows]))))
+            out[rows] = normalize_(resize(to_float_tensor(np.stack([images[i] for i in rows]))), input_range)
         return out
 
     return apply

@@ -65,13 +65,12 @@ def read_image_files(paths: Sequence[str | Path]) -> list[Decoded]:
         for i, path in enumerate(paths):
             try:
                 with open(path, "rb") as fh:  # not Path.read_bytes: its path parsing cost a third of a decode
-                    raw = fh.read()
+                    if fh.read(len(JPEG_MAGIC)) == JPEG_MAGIC:  # anything else is Pillow's to read
+                        fh.seek(0)
+                        data.append(fh.read())
+                        index.append(i)
             except OSError as exc:
                 out[i] = exc
-                continue
-            if raw.startswith(JPEG_MAGIC):
-                index.append(i)
-                data.append(raw)
         for i, image in zip(index, _decode_jpegs(decode, data)):
             if image is not None and image.ndim == 3 and image.shape[0] == 3:
                 out[i] = image.permute(1, 2, 0).numpy()

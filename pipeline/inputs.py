@@ -37,6 +37,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
+
 from pipeline.config import stable_hash
 from pipeline.errors import DataError
 from pipeline.image_files import read_image_files

@@ -210,14 +210,27 @@ class PredictConfig(Section):
 
 class RegistryConfig(Section):
     root: str = Field("registry", description="Model registry directory (relative to the workdir).")
-    metric: Literal["top1", "macro_f1", "balanced_accuracy"] = "macro_f1"
+    metric: Literal["top1", "macro_f1", "balanced_accuracy"] = Field(
+        "macro_f1", description="Test-split metric that decides promotion (higher is better)."
+    )
+    min_value: float = Field(
+        0.5, ge=0, le=1, description="Absolute floor on registry.metric: a candidate below it is never promoted, even into an empty registry."
+    )
+    min_margin_over_majority: float = Field(
+        0.2, ge=0, le=1, description="A candidate must also beat the majority-class classifier's registry.metric by this much."
+    )
 
 
 class ScheduleConfig(Section):
     nightly_cron: str = "0 2 * * *"
     timezone: str = "UTC"
     inbox: str = Field("inbox", description="Where new survey inputs arrive (relative to the workdir).")
-    cache_root: str = Field("cache", description="Content-addressed artifact store (relative to the workdir).")
+    catalog: str = Field(
+        "catalog", description="The nightly catalog's Parquet root (relative to the workdir); never the DVC predict stage's output."
+    )
+    cache_root: str = Field(
+        "cache", description="The content-addressed artifact store shared by the CLI, dvc repro and the flows (relative to the workdir)."
+    )
     inbox_settle_s: float = Field(
         60, ge=0, description="Inbox entries modified more recently than this are left for the next run (uploads in progress)."
     )

@@ -12,8 +12,10 @@ from typing import Any
 from pipeline import metrics as M
 from pipeline.config import Config
 from pipeline.io import atomic_write_json
+from pipeline.layout import StageRun
 
 SPLIT = "val"
+CALIBRATION_FILE = "calibration.json"
 
 
 def calibrate(cfg: Config, shards_dir: Path, checkpoint: Path, out_path: Path, *, progress: bool = True) -> dict[str, Any]:
@@ -48,3 +50,15 @@ def calibrate(cfg: Config, shards_dir: Path, checkpoint: Path, out_path: Path, *
     )
     atomic_write_json(out_path, result)
     return result
+
+
+
+def run_stage(run: StageRun) -> dict[str, Any]:
+    """The ``calibrate`` stage: the temperature of ``train``'s best checkpoint on ``shard``'s val split."""
+    from pipeline.train import BEST
+
+    return calibrate(run.cfg, run.inputs["shard"], run.inputs["train"] / BEST, run.out / CALIBRATION_FILE, progress=run.progress)
+
+
+def summary_line(summary: dict[str, Any]) -> str:
+    return f"calibrated: T={summary['temperature']:.3f}, val ECE {summary['ece_before']:.4f} -> {summary['ece_after']:.4f}"

@@ -191,7 +191,6 @@ class CalibrateConfig(Section):
 class PredictConfig(Section):
     input: str | None = Field(None, description="File or directory to classify; null = the test split's shards.")
     input_kind: Literal["auto", "h5", "shards", "folder", "zoobot"] = "auto"
-    output: str = Field("data/catalog", description="Parquet dataset root (relative to the workdir).")
     batch_size: int = Field(128, gt=0)
     chunk_size: int = Field(1024, gt=0, description="Images per atomically committed chunk.")
     workers: int = Field(2, ge=0)
@@ -260,9 +259,15 @@ class Config(Section):
         return self.model_dump(mode="json", by_alias=True)
 
     def section_hash(self, *names: str) -> str:
-        """Hash of the named sections only, so a stage's cache key ignores sections it never reads."""
+        """Hash of the named sections or dotted keys only, so a stage's key ignores what it never reads."""
         full = self.to_dict()
-        return stable_hash({name: full[name] for name in names})
+        picked = {}
+        for name in names:
+            value: Any = full
+            for part in name.split("."):
+                value = value[part]
+            picked[name] = value
+        return stable_hash(picked)
 
     def hash(self) -> str:
         return stable_hash(self.to_dict())

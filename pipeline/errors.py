@@ -16,6 +16,11 @@ class DataError(AstroflowError):
 class ValidationFailed(AstroflowError):
     """The data loaded fine but broke one or more expectations (see the validation report)."""
 
+    def __init__(self, message: str, *, summary_markdown: str | None = None) -> None:
+        super().__init__(message)
+        self.summary_markdown = summary_markdown
+        """The human-readable validation summary, for callers that show it elsewhere (a Prefect artifact)."""
+
 
 class CheckpointError(AstroflowError):
     """A checkpoint that is corrupt, truncated or does not match the configured model."""

@@ -17,11 +17,9 @@ call ``predict(..., chunks=[...])`` on disjoint chunks (in other threads, proces
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import math
-import os
 import sys
 import time
 from collections import deque
@@ -38,11 +36,12 @@ from tqdm.auto import tqdm
 
 from pipeline.catalog import ERROR_SCHEMA, Catalog, Run, prediction_schema, prob_columns
 from pipeline.checkpoint import checkpoint_config, load_checkpoint, model_id
-from pipeline.config import Config, load_config, stable_hash
-from pipeline.errors import AstroflowError, CheckpointError, ConfigError, DataError
+from pipeline.config import Config, stable_hash
+from pipeline.errors import CheckpointError, ConfigError, DataError
 from pipeline.inputs import InputReader, Record, check_image, open_input, plan_chunks
 from pipeline.runtime import compute_threads as inference_threads, resolve_device
-from pipeline.io import read_json
+from pipeline.io import atomic_write_json, read_json
+from pipeline.layout import StageRun
 from pipeline.transforms import d4_views, eval_batch_transform
 
 CALIBRATION_FILE = "calibration.json"
@@ -707,35 +706,37 @@ def _print_summary(s: dict[str, Any]) -> None:
     _say(f"summary: {s['summary_path']}")
 
 
+def run_stage(run: StageRun) -> dict[str, Any]:
+    """The ``predict`` stage: ``predict.input`` (None: ``shard``'s test split) into the catalog at ``run.out``."""
+    from pipeline.calibrate import CALIBRATION_FILE as CALIBRATED
+    from pipeline.train import BEST
+
+    source = run.cfg.predict.input
+    input_path = None if source is None else (run.workdir / Path(source).expanduser())
+    calibration = run.inputs["calibrate"] / CALIBRATED
+    summary = predict(
+        run.cfg,
+        run.inputs["train"] / BEST,
+        input_path,
+        run.out,
+        calibration=calibration if calibration.is_file() else None,
+        shards_dir=run.inputs["shard"],
+        progress=run.progress,
+    )
+    if run.summary_file is not None:
+        atomic_write_json(run.summary_file, json.loads(json.dumps(summary, default=str)))
+    return summary
+
+
+def summary_line(summary: dict[str, Any]) -> str:
+    return f"run {summary['run_id']} {summary['status']}: {summary['num_written']} rows written, {summary['num_errors']} failed"
+
+
 def main(argv: list[str] | None = None) -> int:
-    """``python -m pipeline.predict``: the stage without the full CLI (exit 3 when some inputs failed)."""
-    parser = argparse.ArgumentParser(prog="python -m pipeline.predict", description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", type=Path, required=True)
-    parser.add_argument("--input", type=Path, default=None, help="h5 file, shard dir/.tar, image folder or Zoobot catalog")
-    parser.add_argument("--output", type=Path, default=None, help="catalog root (default: predict.output)")
-    parser.add_argument("--calibration", type=Path, default=None)
-    parser.add_argument("--shards-dir", type=Path, default=None, help="for the default input: its test split")
-    parser.add_argument("--params", type=Path, default=None)
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
-    parser.add_argument("-q", "--quiet", action="store_true")
-    args = parser.parse_args(argv)
-    try:
-        cfg = load_config(args.params, args.overrides)
-        inp = args.input or (Path(cfg.predict.input) if cfg.predict.input else None)
-        summary = predict(
-            cfg,
-            args.checkpoint,
-            inp,
-            args.output or Path(cfg.predict.output),
-            calibration=args.calibration,
-            shards_dir=args.shards_dir,
-            progress=not args.quiet,
-        )
-    except AstroflowError as exc:
-        _say(f"error: {exc}")
-        return 2
-    print(json.dumps(summary, default=str))
-    return EXIT_PARTIAL if summary["num_errors"] else 0
+    """``python -m pipeline.predict ARGS`` is ``astroflow predict ARGS``: one parser, one set of exit codes."""
+    from pipeline.cli import main as cli_main
+
+    return cli_main(["predict", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

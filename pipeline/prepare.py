@@ -23,6 +23,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from pipeline.config import Config, DataConfig
+from pipeline.layout import StageRun
 from pipeline.errors import DataError
 from pipeline.io import atomic_path
 from pipeline.sources import open_source
@@ -168,3 +169,12 @@ def prepare(cfg: Config, out_dir: Path, *, workdir: Path = Path("."), progress: 
     source = open_source(cfg.data, workdir=workdir, progress=progress)
     summary = write_prepared(source, out_dir / DATASET_FILE, cfg.data, progress=progress)
     return summary
+
+
+def run_stage(run: StageRun) -> dict[str, Any]:
+    """The ``prepare`` stage as the graph runs it: the configured source into ``out/dataset.h5``."""
+    return prepare(run.cfg, run.out, workdir=run.workdir, progress=run.progress)
+
+
+def summary_line(summary: dict[str, Any]) -> str:
+    return f"prepared {summary['num_images']} images {tuple(summary['image_shape'])}"

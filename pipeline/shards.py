@@ -25,6 +25,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from pipeline.config import Config, ShardConfig
+from pipeline.layout import StageRun
 from pipeline.errors import DataError
 from pipeline.io import atomic_dir, atomic_write_json, read_json, sha256_file
 from pipeline.prepare import PreparedDataset
@@ -361,3 +362,21 @@ def make_dataset(
 def iter_split(shards_dir: Path, split: str) -> Iterator[tuple[np.ndarray, int, dict[str, Any]]]:
     """Every sample of a split in written order (single process): for evaluation and tests."""
     yield from make_dataset(shard_urls(shards_dir, split), split_by_node=False)
+
+
+def run_stage(run: StageRun) -> dict[str, Any]:
+    """The ``shard`` stage: split and shard ``prepare``'s dataset, once ``validate`` has passed on it."""
+    from pipeline.prepare import DATASET_FILE
+    from pipeline.validate import REPORT_FILE
+
+    report = run.inputs["validate"] / REPORT_FILE
+    manifest = shard(run.cfg, run.inputs["prepare"] / DATASET_FILE, run.out, validation_report=report, progress=run.progress)
+    return {
+        "data_hash": manifest.get("data_hash"),
+        "config_hash": manifest.get("config_hash"),
+        "splits": {name: {"num_samples": s["num_samples"], "shards": len(s["shards"])} for name, s in manifest["splits"].items()},
+    }
+
+
+def summary_line(summary: dict[str, Any]) -> str:
+    return "sharded: " + ", ".join(f"{k} {v['num_samples']} ({v['shards']} shards)" for k, v in summary["splits"].items())

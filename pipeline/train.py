@@ -33,6 +33,7 @@ import csv
 import hashlib
 import io
 import itertools
+import json
 import logging
 import math
 import os
@@ -80,6 +81,7 @@ from pipeline.distributed import (
 )
 from pipeline.errors import AstroflowError, CheckpointError, ConfigError, DataError
 from pipeline.io import atomic_write_json, atomic_write_text
+from pipeline.layout import StageRun
 from pipeline.runtime import compute_threads
 from pipeline.shards import decode_image, load_manifest, shard_urls
 from pipeline.transforms import eval_transform
@@ -791,16 +793,28 @@ def _train(
     return summary
 
 
-def torchrun_argv(cfg: Config, params: Path | None, shards_dir: Path, out_dir: Path, *, resume: bool = False) -> list[str]:
-    """The command that runs this stage on ``train.nproc_per_node`` x ``train.nnodes`` processes (single node here)."""
-    argv = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone",
-        f"--nproc_per_node={cfg.train.nproc_per_node}", "-m", "pipeline.train",
-        "--shards", str(shards_dir), "--out", str(out_dir),
-    ]
-    if params is not None:
-        argv += ["--params", str(params)]
-    return argv + (["--resume"] if resume else [])
+def run_stage(run: StageRun) -> dict[str, Any]:
+    """The ``train`` stage: in this process, or under torchrun when several processes are configured or the
+    caller isolates training (the flows do); either way ``run.out`` ends with best.pt and metrics.json."""
+    t = run.cfg.train
+    if not run.isolate and t.nproc_per_node * t.nnodes == 1:
+        return train(run.cfg, run.inputs["shard"], run.out, resume=run.resume, progress=run.progress)
+    from pipeline.config import dump_params
+    from pipeline.orchestrate.launch import TrainingFailed, stream_command, torchrun_command
+
+    run.out.mkdir(parents=True, exist_ok=True)
+    params = run.out / "params.yaml"
+    dump_params(run.cfg, params)
+    cmd = torchrun_command(run.cfg, params, run.inputs["shard"], run.out, run_id=run.out.name, resume=run.resume)
+    stream_command(cmd, log.info, name="torchrun", cwd=run.workdir)
+    if not (run.out / BEST).is_file():
+        raise TrainingFailed(f"torchrun succeeded but wrote no {BEST} into {run.out}")
+    return json.loads((run.out / METRICS).read_text())
+
+
+def summary_line(summary: dict[str, Any]) -> str:
+    best = summary.get("best") or {}
+    return f"trained {summary['epochs_run']} epoch(s); best epoch {summary['best_epoch']}, val top-1 {best.get('val_top1')}"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from pipeline.config import Config
 from pipeline.errors import ConfigError, DataError, ValidationFailed
 from pipeline.io import atomic_write_json, atomic_write_text
+from pipeline.layout import StageRun
 from pipeline.prepare import PreparedDataset
 
 REPORT_FILE = "report.json"
@@ -526,6 +527,19 @@ def validate(cfg: Config, prepared_path: Path, out_dir: Path, *, progress: bool 
         failed = [e for e in entries if not e["success"]]
         lines = "\n".join(f"  - {_failure_line(e)}" for e in failed)
         raise ValidationFailed(
-            f"{prepared_path}: {len(failed)} of {len(entries)} expectations failed (report: {report_path}):\n{lines}"
+            f"{prepared_path}: {len(failed)} of {len(entries)} expectations failed (report: {report_path}):\n{lines}",
+            summary_markdown=render_summary(report),
         )
     return report
+
+
+def run_stage(run: StageRun) -> dict[str, Any]:
+    """The ``validate`` stage: check ``prepare``'s dataset; the summary keeps the report's headline fields."""
+    from pipeline.prepare import DATASET_FILE
+
+    report = validate(run.cfg, run.inputs["prepare"] / DATASET_FILE, run.out, progress=run.progress)
+    return {k: report[k] for k in ("success", "num_rows", "data_hash", "class_counts", "duplicate_images")}
+
+
+def summary_line(summary: dict[str, Any]) -> str:
+    return f"validation passed on {summary['num_rows']} rows"

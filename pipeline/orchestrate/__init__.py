@@ -1,0 +1,1 @@
+"""How stages are declared, keyed, stored and launched: the one pipeline behind the CLI, DVC and Prefect."""

@@ -1,0 +1,147 @@
+"""The stage graph, declared once: the CLI's stage commands, ``dvc.yaml`` and the retrain flow come from it.
+
+For each stage: the function that runs it (``<module>.run_stage``, taking a :class:`~pipeline.layout.StageRun`),
+the config keys it reads, the upstream stages it reads from (and which of their files), its DVC outputs,
+metrics and plots. The code a stage runs is not typed here: it is the import closure of its module
+(``pipeline.orchestrate.imports``). Adding a stage is one entry here and its directory in ``pipeline.layout``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from pipeline.layout import STAGE_DIRS
+
+
+@dataclass(frozen=True)
+class Out:
+    """A DVC output, relative to the stage's directory ("" = the directory itself)."""
+
+    path: str = ""
+    cache: bool = True
+    persist: bool = False
+
+
+@dataclass(frozen=True)
+class Plot:
+    """A top-level DVC plot over one of the stage's files (relative to its directory)."""
+
+    title: str
+    file: str
+    x: str
+    y: tuple[str, ...]
+    template: str | None = None
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    help: str
+    module: str
+    params: tuple[str, ...]
+    """Config sections or dotted keys the stage reads itself (what it reads through its inputs is upstream)."""
+    upstream: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    """Upstream stage -> the files of its directory this stage reads (() = the whole directory)."""
+    outs: tuple[Out, ...] = (Out(),)
+    metrics: tuple[str, ...] = ()
+    """Metrics files: relative to the stage directory, or ``/``-rooted for workspace paths outside it."""
+    plots: tuple[Plot, ...] = ()
+    summary_file: str | None = None
+    """Workspace file (outside the stage directory) the stage writes its summary to, for DVC metrics."""
+    cmd_args: str = ""
+    stored: bool = True
+    """Kept in the content-addressed store and run by the retrain flow (``predict`` appends to a catalog instead)."""
+    resumable: bool = False
+
+    @property
+    def dir(self) -> str:
+        return STAGE_DIRS[self.name]
+
+    @property
+    def function(self) -> Callable[..., dict[str, Any]]:
+        return importlib.import_module(self.module).run_stage  # type: ignore[no-any-return]
+
+
+STAGES: tuple[Stage, ...] = (
+    Stage(
+        "prepare", "read the configured source into data/prepared/dataset.h5", "pipeline.prepare", params=("data",)
+    ),
+    Stage(
+        "validate",
+        "check the prepared data with great-expectations",
+        "pipeline.validate",
+        params=("validate", "data.class_names"),
+        upstream={"prepare": ()},
+        outs=(Out("summary.md", cache=False),),
+        metrics=("report.json",),
+    ),
+    Stage(
+        "shard",
+        "stratified split and WebDataset shards in data/shards",
+        "pipeline.shards",
+        params=("split", "shard"),
+        upstream={"prepare": (), "validate": ("report.json",)},
+    ),
+    Stage(
+        "train",
+        "train the configured model on the shards",
+        "pipeline.train",
+        params=("model", "train"),
+        upstream={"shard": ()},
+        outs=(Out("best.pt"), Out("last.pt"), Out("history.csv", cache=False)),
+        metrics=("metrics.json",),
+        plots=(
+            Plot("Learning curves", "history.csv", "epoch", ("train_loss", "val_loss", "val_top1", "val_macro_f1")),
+            Plot("Learning rate", "history.csv", "epoch", ("lr",)),
+        ),
+        resumable=True,
+    ),
+    Stage(
+        "calibrate",
+        "fit a softmax temperature on the validation split",
+        "pipeline.calibrate",
+        params=("calibrate", "evaluate.tta", "evaluate.batch_size"),
+        upstream={"shard": (), "train": ("best.pt",)},
+    ),
+    Stage(
+        "evaluate",
+        "test-split metrics, confusion matrix and report",
+        "pipeline.evaluate",
+        params=("evaluate", "calibrate.bins"),
+        upstream={"shard": (), "train": ("best.pt",), "calibrate": ()},
+        metrics=("/metrics/eval.json",),
+        plots=(Plot("Test-split confusion matrix", "confusion.csv", "actual", ("predicted",), template="confusion"),),
+        summary_file="metrics/eval.json",
+    ),
+    Stage(
+        "predict",
+        "classify the test split (or predict.input) into the DVC-tracked catalog data/catalog",
+        "pipeline.predict",
+        params=("predict",),
+        upstream={"shard": (), "train": ("best.pt",), "calibrate": ()},
+        outs=(Out(cache=False, persist=True),),
+        metrics=("/metrics/predict.json",),
+        summary_file="metrics/predict.json",
+        cmd_args="-q",
+        stored=False,
+    ),
+)
+
+GRAPH: dict[str, Stage] = {s.name: s for s in STAGES}
+
+
+def stored_stages() -> tuple[Stage, ...]:
+    """The stages the store keys and the retrain flow runs, in dependency order."""
+    return tuple(s for s in STAGES if s.stored)
+
+
+def downstream(name: str) -> list[str]:
+    """``name`` and every stage that reads from it, directly or not, in graph order."""
+    hit = {name}
+    for stage in STAGES:
+        if hit & set(stage.upstream):
+            hit.add(stage.name)
+    return [s.name for s in STAGES if s.name in hit]

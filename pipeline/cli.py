@@ -8,6 +8,7 @@ config is validated before any work starts. Errors meant for people print one me
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 import time
@@ -17,10 +18,17 @@ from typing import Any
 
 from pipeline.config import Config, dump_params, load_config
 from pipeline.errors import AstroflowError, ValidationFailed
-from pipeline.io import atomic_write_json
 from pipeline.layout import Layout
+from pipeline.orchestrate.graph import STAGES
 
-DATASET = "dataset.h5"
+EXIT_REFUSED = 1
+"""A check said no: failed validation, a stale dvc.yaml, a promotion the registry rule refused."""
+EXIT_PARTIAL = 3
+"""Finished, but some inputs could not be processed (listed in the output)."""
+
+
+class DvcYamlOutdated(ValidationFailed):
+    """The committed dvc.yaml is not what the graph generates (exit 1, like a failed check)."""
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -42,126 +50,89 @@ def _say(message: str) -> None:
     print(f"astroflow: {message}", file=sys.stderr, flush=True)
 
 
-# ------------------------------------------------------------------ stages
+# ------------------------------------------------------------------ stages (from the graph)
 
 
-def cmd_prepare(cfg: Config, layout: Layout, args: argparse.Namespace) -> dict[str, Any]:
-    from pipeline.prepare import prepare
+def _run_stage(name: str, cfg: Config, layout: Layout, args: argparse.Namespace) -> dict[str, Any]:
+    from pipeline.orchestrate.graph import GRAPH
+    from pipeline.orchestrate.runner import run_in_workspace
 
-    summary = prepare(cfg, layout.prepared, workdir=layout.root, progress=not args.quiet)
-    _say(f"prepared {summary['num_images']} images {tuple(summary['image_shape'])} -> {layout.prepared / DATASET}")
-    return summary
-
-
-def cmd_validate(cfg: Config, layout: Layout, args: argparse.Namespace) -> dict[str, Any]:
-    from pipeline.validate import validate
-
-    report = validate(cfg, layout.prepared / DATASET, layout.validation, progress=not args.quiet)
-    _say(f"validation passed: {layout.validation / 'summary.md'}")
-    return report
+    outcome = run_in_workspace(name, cfg, layout, progress=not args.quiet, resume=getattr(args, "resume", False))
+    line = getattr(importlib.import_module(GRAPH[name].module), "summary_line", None)
+    detail = f": {line(outcome.summary)}" if line else ""
+    _say(f"{name} {outcome.how} in {outcome.seconds:.1f}s -> {outcome.path}{detail}")
+    if outcome.summary.get("num_errors"):
+        _say(f"{outcome.summary['num_errors']} input(s) could not be classified; see the errors table")
+        raise SystemExit(EXIT_PARTIAL)
+    return outcome.summary
 
 
-def cmd_shard(cfg: Config, layout: Layout, args: argparse.Namespace) -> dict[str, Any]:
-    from pipeline.shards import shard
+def _stage_command(name: str) -> Callable[[Config, Layout, argparse.Namespace], dict[str, Any]]:
+    def command(cfg: Config, layout: Layout, args: argparse.Namespace) -> dict[str, Any]:
+        if name == "train" and args.print_command:
+            return _print_torchrun(cfg, layout)
+        return _run_stage(name, cfg, layout, args)
 
-    manifest = shard(
-        cfg,
-        layout.prepared / DATASET,
-        layout.shards,
-        validation_report=layout.validation / "report.json",
-        progress=not args.quiet,
-    )
-    counts = ", ".join(f"{k} {v['num_samples']} ({len(v['shards'])} shards)" for k, v in manifest["splits"].items())
-    _say(f"sharded: {counts}; manifest {layout.shards / 'manifest.json'}")
-    return manifest
+    return command
 
 
-def cmd_train(cfg: Config, layout: Layout, args: argparse.Namespace) -> dict[str, Any]:
-    from pipeline.train import train
+def _print_torchrun(cfg: Config, layout: Layout) -> dict[str, Any]:
+    """The torchrun command of this config, to start by hand on each node of a multi-node run."""
+    import shlex
 
-    result = train(cfg, layout.shards, layout.train, resume=getattr(args, "resume", False), progress=not args.quiet)
-    _say(f"trained: best checkpoint {layout.train / 'best.pt'}")
-    return result
+    from pipeline.orchestrate.launch import torchrun_command
 
-
-def cmd_calibrate(cfg: Config, layout: Layout, args: argparse.Namespace) -> dict[str, Any]:
-    from pipeline.calibrate import calibrate
-
-    result = calibrate(cfg, layout.shards, layout.train / "best.pt", layout.calibration_file, progress=not args.quiet)
-    _say(f"calibrated: T={result['temperature']:.3f}, val ECE {result['ece_before']:.4f} -> {result['ece_after']:.4f}")
-    return result
-
-
-def cmd_evaluate(cfg: Config, layout: Layout, args: argparse.Namespace) -> dict[str, Any]:
-    from pipeline.evaluate import evaluate
-
-    calibration = layout.calibration_file if layout.calibration_file.is_file() else None
-    metrics = evaluate(
-        cfg,
-        layout.shards,
-        layout.train / "best.pt",
-        layout.evaluation,
-        calibration=calibration,
-        metrics_path=layout.metrics / "eval.json",
-        progress=not args.quiet,
-    )
-    _say(f"test top-1 {metrics['top1']:.4f}, macro-F1 {metrics['macro_f1']:.4f}; report {layout.evaluation / 'report.md'}")
-    return metrics
-
-
-STAGES: dict[str, Callable[[Config, Layout, argparse.Namespace], dict[str, Any]]] = {
-    "prepare": cmd_prepare,
-    "validate": cmd_validate,
-    "shard": cmd_shard,
-    "train": cmd_train,
-    "calibrate": cmd_calibrate,
-    "evaluate": cmd_evaluate,
-}
+    params = layout.root / "params.resolved.yaml"
+    dump_params(cfg, params)
+    cmd = torchrun_command(cfg, params, layout.shards, layout.train, run_id=cfg.hash())
+    print(shlex.join(cmd))
+    return {"command": cmd}
 
 
 def cmd_run(cfg: Config, layout: Layout, args: argparse.Namespace) -> dict[str, Any]:
-    """Every stage in order under one directory, without DVC or Prefect."""
+    """Every stage of the graph in order under one directory, without DVC or Prefect."""
     layout.root.mkdir(parents=True, exist_ok=True)
     dump_params(cfg, layout.root / "params.resolved.yaml")
     timings: dict[str, float] = {}
     result: dict[str, Any] = {}
-    for name, fn in STAGES.items():
-        _say(f"== {name}")
+    for i, stage in enumerate(STAGES, 1):
+        _say(f"== stage {i}/{len(STAGES)}: {stage.name}")
         t0 = time.perf_counter()
-        result = fn(cfg, layout, args)
-        timings[name] = round(time.perf_counter() - t0, 2)
+        result = _run_stage(stage.name, cfg, layout, args)
+        timings[stage.name] = round(time.perf_counter() - t0, 2)
     _say("stage times (s): " + ", ".join(f"{k} {v}" for k, v in timings.items()))
     return result
 
 
 def cmd_predict(cfg: Config, layout: Layout, args: argparse.Namespace) -> dict[str, Any]:
+    """Without arguments: the DVC ``predict`` stage. With any: classify what they name into a catalog root."""
+    if not any(getattr(args, k) is not None for k in ("input", "checkpoint", "calibration", "output")):
+        return _run_stage("predict", cfg, layout, args)
     from pipeline.predict import predict
 
     if args.input is not None:
-        cfg.predict.input = str(args.input)
+        cfg.predict.input = str(Path(args.input).resolve())
     if args.input_kind is not None:
         cfg.predict.input_kind = args.input_kind
     if args.backend is not None:
         cfg.predict.backend = args.backend
     if args.tta:
         cfg.predict.tta = True
-    checkpoint = layout.resolve(args.checkpoint) if args.checkpoint else layout.train / "best.pt"
+    checkpoint = Path(args.checkpoint).resolve() if args.checkpoint else layout.train / "best.pt"
     calibration = args.calibration or (layout.calibration_file if layout.calibration_file.is_file() else None)
     summary = predict(
         cfg,
         checkpoint,
         layout.resolve(cfg.predict.input) if cfg.predict.input else None,
-        layout.resolve(args.output or cfg.predict.output),
+        Path(args.output).resolve() if args.output else layout.resolve(cfg.schedule.catalog),
         calibration=calibration,
         shards_dir=layout.shards,
         progress=not args.quiet,
     )
     print(json.dumps(summary, indent=2, default=str))
-    if args.summary is not None:
-        atomic_write_json(layout.resolve(args.summary), json.loads(json.dumps(summary, default=str)))
     if summary.get("num_errors"):
         _say(f"{summary['num_errors']} input(s) could not be classified; see the errors table")
-        raise SystemExit(3)
+        raise SystemExit(EXIT_PARTIAL)
     return summary
 
 
@@ -203,6 +174,79 @@ def cmd_params(cfg: Config, layout: Layout, args: argparse.Namespace) -> dict[st
     return {}
 
 
+def cmd_nightly(cfg: Config, layout: Layout, args: argparse.Namespace) -> dict[str, Any]:
+    """The nightly catalog in this process, without a Prefect server: the same function the flow calls."""
+    from pipeline.nightly import run_nightly
+
+    if args.inbox is not None:
+        cfg.schedule.inbox = str(Path(args.inbox).resolve())
+    if args.catalog is not None:
+        cfg.schedule.catalog = str(Path(args.catalog).resolve())
+    summary = run_nightly(cfg, layout)
+    print(json.dumps(summary, indent=2, default=str))
+    if summary["failed"]:
+        _say(f"{len(summary['failed'])} input(s) failed and stay unrecorded; run again to retry them")
+        raise SystemExit(EXIT_PARTIAL)
+    return summary
+
+
+def cmd_dvc_yaml(cfg: Config, layout: Layout, args: argparse.Namespace) -> dict[str, Any]:
+    """Write dvc.yaml from the stage graph, or with --check fail when the file differs from it."""
+    from pipeline.orchestrate import dvcfile
+
+    path = layout.root / "dvc.yaml"
+    if args.mermaid:
+        from pipeline.orchestrate.graph import mermaid
+
+        print(mermaid())
+        return {}
+    if args.check:
+        differ = dvcfile.check(path)
+        if differ:
+            raise DvcYamlOutdated(f"{path}: differs from the stage graph in {', '.join(differ)}; run `astroflow dvc-yaml`")
+        _say(f"{path} matches the stage graph")
+        return {}
+    _say(f"{path} {'written' if dvcfile.write(path) else 'already up to date'}")
+    return {}
+
+
+def cmd_registry(cfg: Config, layout: Layout, args: argparse.Namespace) -> dict[str, Any]:
+    """The model registry under ``registry.root``; the rule and the files are ``pipeline.registry``'s."""
+    from pipeline import registry as reg
+
+    root = layout.resolve(cfg.registry.root)
+    if args.action == "list":
+        rows = reg.list_models(root)
+        print(reg.format_models(rows) if rows else f"no registered model in {root}")
+        return {"models": rows}
+    if args.action == "show":
+        record = reg.show(root, args.model_id)
+        print(json.dumps(record, indent=2, default=str))
+        return record
+    if args.action == "register":
+        mid = reg.register_model(
+            root,
+            cfg,
+            checkpoint=layout.train / "best.pt",
+            calibration=layout.calibration_file if layout.calibration_file.is_file() else None,
+            eval_dir=layout.evaluation,
+            shards_dir=layout.shards,
+            source="dvc workspace",
+        )
+        _say(f"registered {mid} in {root}")
+        return {"model_id": mid}
+    if args.action == "rollback":
+        mid = reg.rollback(root, reason=args.reason)
+        _say(f"rolled back: production is {mid} again")
+        return {"model_id": mid}
+    mid = args.model_id or reg.latest_id(root)
+    decision = reg.promote(root, mid, cfg, shards_dir=args.shards, force=args.force, reason=args.reason)
+    _say(f"{mid}: {'promoted to production' if decision.promote else 'not promoted'} ({decision.reason})")
+    if not decision.promote:
+        raise SystemExit(EXIT_REFUSED)
+    return decision.to_dict()
+
+
 def cmd_serve(cfg: Config, layout: Layout, args: argparse.Namespace) -> dict[str, Any]:
     from flows.serve import serve
 
@@ -214,49 +258,70 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="astroflow", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     helps = {
-        "prepare": "read the configured source into data/prepared/dataset.h5",
-        "validate": "check the prepared data with great-expectations",
-        "shard": "stratified split and WebDataset shards in data/shards",
-        "train": "train the configured model on the shards",
-        "calibrate": "fit a softmax temperature on the validation split",
-        "evaluate": "test-split metrics, confusion matrix and report",
+        **{stage.name: stage.help for stage in STAGES},
         "run": "every stage in order under --workdir (no DVC or Prefect needed)",
-        "predict": "classify images into the Parquet catalog",
         "export": "export the trained model (ONNX)",
         "models": "list models with parameter counts and GMACs",
         "download": "download and verify the Galaxy10 DECals file",
         "params": "print the full resolved configuration",
+        "dvc-yaml": "write dvc.yaml from the stage graph (--check: fail if it differs)",
         "serve": "serve the Prefect deployments (retrain, nightly-catalog)",
+        "nightly": "classify new inbox inputs with the production model into the nightly catalog (no Prefect)",
     }
     subs = {name: sub.add_parser(name, help=text, description=text) for name, text in helps.items()}
     for p in subs.values():
         _common(p)
     subs["train"].add_argument("--resume", action="store_true", help="continue from data/train/last.pt")
+    subs["train"].add_argument("--print-command", action="store_true", help="print the torchrun command for this config (multi-node: run it on each node)")
     subs["predict"].add_argument("--input", type=Path, default=None, help="h5 file, shard dir, image folder or Zoobot catalog (default: predict.input, else the test split)")
     subs["predict"].add_argument("--input-kind", choices=["auto", "h5", "shards", "folder", "zoobot"], default=None, help="default: predict.input_kind (auto: from the path)")
     subs["predict"].add_argument("--checkpoint", type=Path, default=None, help="default: data/train/best.pt")
     subs["predict"].add_argument("--calibration", type=Path, default=None, help="temperature JSON (default: data/calibration/calibration.json if present)")
-    subs["predict"].add_argument("--output", type=Path, default=None, help="catalog root (default: predict.output)")
+    subs["predict"].add_argument("--output", type=Path, default=None, help="catalog root (default: schedule.catalog; the DVC stage's data/catalog is written only without arguments)")
     subs["predict"].add_argument("--backend", choices=["torch", "onnx"], default=None)
     subs["predict"].add_argument("--tta", action="store_true", help="average the 8 rotations/flips")
-    subs["predict"].add_argument("--summary", type=Path, default=None, help="also write the run summary JSON here (the DVC stage's metrics file)")
+    subs["dvc-yaml"].add_argument("--check", action="store_true", help="exit 1 when dvc.yaml differs from the graph")
+    subs["dvc-yaml"].add_argument("--mermaid", action="store_true", help="print the stage graph as a Mermaid diagram instead")
     subs["export"].add_argument("--format", choices=["onnx"], default="onnx")
     subs["export"].add_argument("--checkpoint", type=Path, default=None)
     subs["export"].add_argument("--output", type=Path, default=None)
     subs["models"].add_argument("names", nargs="*", help="model names (default: the Astroformer family and baselines)")
     subs["models"].add_argument("--img-size", type=int, default=None, help="default: model.img_size")
+    subs["nightly"].add_argument("--inbox", type=Path, default=None, help="default: schedule.inbox")
+    subs["nightly"].add_argument("--catalog", type=Path, default=None, help="catalog root (default: schedule.catalog)")
+    registry = sub.add_parser("registry", help="list, show, register, promote or roll back models", description="the model registry (registry.root)")
+    actions = registry.add_subparsers(dest="action", required=True, metavar="ACTION")
+    registry_helps = {
+        "list": "every registered model; * marks production",
+        "show": "one model's lineage, metrics and history (default: production)",
+        "register": "register the model `dvc repro` / `astroflow run` trained in the workdir",
+        "promote": "promote by the registry rule (default: the latest registered model)",
+        "rollback": "put the previous production model back",
+    }
+    reg_subs = {name: actions.add_parser(name, help=text, description=text) for name, text in registry_helps.items()}
+    for p in reg_subs.values():
+        _common(p)
+    for name in ("show", "promote"):
+        reg_subs[name].add_argument("model_id", nargs="?", default=None, metavar="MODEL_ID")
+    for name in ("promote", "rollback"):
+        reg_subs[name].add_argument("--reason", default=None, help="why; recorded in the registry history")
+    reg_subs["promote"].add_argument("--force", action="store_true", help="promote whatever the rule says (needs --reason)")
+    reg_subs["promote"].add_argument("--shards", type=Path, default=None, help="the candidate's shards (default: those it was registered with)")
     return parser
 
 
 COMMANDS: dict[str, Callable[[Config, Layout, argparse.Namespace], dict[str, Any]]] = {
-    **STAGES,
+    **{stage.name: _stage_command(stage.name) for stage in STAGES},
     "run": cmd_run,
     "predict": cmd_predict,
     "export": cmd_export,
     "models": cmd_models,
     "download": cmd_download,
     "params": cmd_params,
+    "dvc-yaml": cmd_dvc_yaml,
     "serve": cmd_serve,
+    "nightly": cmd_nightly,
+    "registry": cmd_registry,
 }
 
 
@@ -265,9 +330,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         cfg, layout = _config(args)
         COMMANDS[args.command](cfg, layout, args)
+    except SystemExit as exc:  # a command's own verdict (EXIT_REFUSED, EXIT_PARTIAL)
+        return int(exc.code or 0)
     except ValidationFailed as exc:
         _say(f"error: {exc}")
-        return 1
+        return EXIT_REFUSED
     except AstroflowError as exc:
         _say(f"error: {exc}")
         return 2

@@ -12,7 +12,7 @@ import csv
 import io
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from pipeline import metrics as M
 from pipeline.config import Config
+from pipeline.layout import StageRun
 from pipeline.errors import CheckpointError, ConfigError, DataError
 from pipeline.runtime import resolve_device
 from pipeline.io import atomic_dir, atomic_write_json, read_json
@@ -41,6 +42,18 @@ class SplitPredictions:
     ids: list[str]
     rows: np.ndarray
     images_per_second: float
+
+    def without(self, ids: Collection[str]) -> SplitPredictions:
+        """The same scores minus the galaxies in ``ids``: the registry compares models only on images neither trained on."""
+        excluded = set(ids)
+        keep = np.array([i not in excluded for i in self.ids], dtype=bool)
+        return SplitPredictions(
+            logits=self.logits[keep],
+            labels=self.labels[keep],
+            ids=[i for i, k in zip(self.ids, keep) if k],
+            rows=self.rows[keep],
+            images_per_second=self.images_per_second,
+        )
 
 
 def _collate(samples: list[tuple[torch.Tensor, int, dict[str, Any]]]) -> tuple[torch.Tensor, torch.Tensor, list[dict[str, Any]]]:
@@ -118,9 +131,18 @@ def predict_split(
 
 
 def load_and_predict(
-    cfg: Config, shards_dir: Path, checkpoint: Path, split: str, *, progress: bool = True
+    cfg: Config,
+    shards_dir: Path,
+    checkpoint: Path,
+    split: str,
+    *,
+    progress: bool = True,
+    exclude_ids: Collection[str] = (),
 ) -> tuple[SplitPredictions, list[str], dict[str, Any]]:
-    """Load the checkpoint, check it against the shards, and score ``split`` as ``cfg.evaluate`` says."""
+    """Load the checkpoint, check it against the shards, and score ``split`` as ``cfg.evaluate`` says.
+
+    ``exclude_ids`` drops those galaxies from the result (the registry leaves out another model's training images).
+    """
     from pipeline.checkpoint import load_model
 
     model, model_cfg, payload = load_model(checkpoint)
@@ -137,6 +159,8 @@ def load_and_predict(
         workers=cfg.evaluate.workers,
         progress=progress,
     )
+    if exclude_ids:
+        preds = preds.without(exclude_ids)
     info = {
         "model_name": payload["model_name"],
         "img_size": int(payload["img_size"]),
@@ -353,3 +377,24 @@ def render_report(result: dict[str, Any], info: dict[str, Any], confusion_png: s
         ]
     lines += ["", "## Confusion matrix", "", f"![confusion matrix]({confusion_png})", ""]
     return "\n".join(lines)
+
+
+def run_stage(run: StageRun) -> dict[str, Any]:
+    """The ``evaluate`` stage: ``train``'s best checkpoint on the test split, with ``calibrate``'s temperature."""
+    from pipeline.calibrate import CALIBRATION_FILE
+    from pipeline.train import BEST
+
+    calibration = run.inputs["calibrate"] / CALIBRATION_FILE
+    return evaluate(
+        run.cfg,
+        run.inputs["shard"],
+        run.inputs["train"] / BEST,
+        run.out,
+        calibration=calibration if calibration.is_file() else None,
+        metrics_path=run.summary_file,
+        progress=run.progress,
+    )
+
+
+def summary_line(summary: dict[str, Any]) -> str:
+    return f"test top-1 {summary['top1']:.4f}, macro-F1 {summary['macro_f1']:.4f}"

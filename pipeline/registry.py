@@ -1,15 +1,20 @@
-"""A file-system model registry: candidates, one production model, and the rule that promotes.
+"""A file-system model registry: candidates, one production model, and the one rule that promotes.
 
 Layout under ``registry.root``::
 
-    candidates/<model_id>/   model.pt, calibration.json, metrics.json, lineage.json (+ report.md, confusion.png)
-    production -> candidates/<model_id>    a symlink, swapped atomically by ``promote``
-    history.jsonl            one line per promotion decision, promoted or not
-    .lock                    serialises compare-and-promote between concurrent runs
+    candidates/<model_id>/   model.pt, calibration.json, metrics.json, lineage.json, split.parquet
+                             (+ report.md, confusion.png)
+    production -> candidates/<model_id>    a symlink, swapped atomically by ``promote`` and ``rollback``
+    history.jsonl            one line per promotion decision (promoted or not) and per rollback
+    .lock                    serialises register, compare-and-promote and rollback between processes
 
-Plain functions without Prefect, so the CLI, DVC or a notebook can register and promote too.
-A candidate directory is written once (under a temporary name, then renamed) and never changed, so
-whoever reads ``production/`` sees one complete model, whichever moment the symlink moved.
+Plain functions without Prefect, so the CLI (``astroflow registry``), a flow or a notebook register
+and promote by the same rule. A candidate directory is written once (under a temporary name, then
+renamed) and never changed, so whoever reads ``production/`` sees one complete model.
+
+Metrics of different test sets are not comparable: when the candidate's test split is not
+production's (other data, other split), both models are re-scored on the candidate's test split minus
+every galaxy production trained on, using the split tables saved at registration.
 """
 
 from __future__ import annotations
@@ -20,12 +25,16 @@ import math
 import os
 import shutil
 import subprocess
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from pipeline import metrics as M
+from pipeline.config import Config, RegistryConfig
 from pipeline.errors import AstroflowError
 from pipeline.io import atomic_dir, read_json
 
@@ -36,16 +45,36 @@ MODEL_FILE = "model.pt"
 CALIBRATION_FILE = "calibration.json"  # the name ``pipeline.predict`` looks for beside a checkpoint
 METRICS_FILE = "metrics.json"
 LINEAGE_FILE = "lineage.json"
+SPLIT_FILE = "split.parquet"
+EVAL_FILES = ("report.md", "confusion.png")
 HEADLINE_METRICS = ("top1", "macro_f1", "balanced_accuracy", "ece", "nll")
+STORED = "registered test metrics"
+"""The basis of a comparison made on the metrics evaluate wrote at registration (no re-scoring)."""
 
 
 class RegistryError(AstroflowError):
-    """A registry that is missing a model it should have, or is laid out in a way we did not write."""
+    """A registry request a person can get wrong: unknown model, stale workspace, rollback with no history."""
+
+
+# ------------------------------------------------------------------ the rule
+
+
+@dataclass(frozen=True)
+class Rule:
+    """The promotion thresholds of ``registry`` in params.yaml; every metric is "higher is better"."""
+
+    metric: str
+    min_value: float
+    min_margin_over_majority: float
+
+    @classmethod
+    def from_config(cls, cfg: RegistryConfig) -> Rule:
+        return cls(cfg.metric, cfg.min_value, cfg.min_margin_over_majority)
 
 
 @dataclass(frozen=True)
 class Decision:
-    """Why a candidate was (not) promoted: what ``history.jsonl`` and the flow's artifact show."""
+    """Why a candidate was (not) promoted: what ``history.jsonl``, the CLI and the flow's artifact show."""
 
     promote: bool
     reason: str
@@ -54,48 +83,93 @@ class Decision:
     candidate_value: float | None
     production_id: str | None
     production_value: float | None
+    majority_value: float | None = None
+    basis: str = STORED
+    num_samples: int | None = None
+    forced: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def _value(metrics: Mapping[str, Any] | None, metric: str) -> float | None:
-    value = (metrics or {}).get(metric)
+def finite(value: Any) -> float | None:
+    """``value`` as a float when it is a finite number, else None (NaN, missing, bool, text)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         return None
     return float(value)
 
 
+def majority_baseline(class_counts: Sequence[int], metric: str) -> float:
+    """``metric`` of always predicting the most frequent class: the score of a model that learned nothing.
+
+    Built as that classifier's confusion matrix and scored by ``pipeline.metrics``, so it is exactly
+    what evaluate would report (top1 = p, balanced accuracy = 1/K, macro-F1 = 2p/(1+p)/K).
+    """
+    counts = np.asarray(class_counts, dtype=np.int64)
+    if counts.sum() == 0:
+        return float("nan")
+    majority = int(counts.argmax())
+    cm = np.zeros((len(counts), len(counts)), dtype=np.int64)
+    cm[:, majority] = counts
+    scores = {
+        "top1": lambda: float(counts[majority] / counts.sum()),
+        "macro_f1": lambda: M.macro_f1(cm),
+        "balanced_accuracy": lambda: M.balanced_accuracy(cm),
+    }
+    if metric not in scores:
+        raise RegistryError(f"registry.metric: no majority baseline for {metric!r}; use one of {sorted(scores)}")
+    return scores[metric]()
+
+
 def decide(
     candidate_id: str,
-    candidate_metrics: Mapping[str, Any],
-    production_id: str | None,
-    production_metrics: Mapping[str, Any] | None,
-    metric: str,
+    candidate_value: float | None,
+    *,
+    rule: Rule,
+    majority_value: float | None,
+    production_id: str | None = None,
+    production_value: float | None = None,
+    same_classes: bool = True,
+    basis: str = STORED,
+    num_samples: int | None = None,
 ) -> Decision:
-    """The promotion rule: promote when there is no production model or the candidate is strictly better.
+    """The promotion rule, pure: the floor and the majority margin always apply; then production must lose.
 
-    Every registry metric is "higher is better". A tie keeps the incumbent, so re-running the same
-    training never churns production; a candidate without the metric is never promoted over one
-    that has it.
+    A tie keeps production, so re-running the same training never churns it. Values must come from
+    the same test split (``basis`` says which); a class-list change is never promoted automatically.
     """
-    cand = _value(candidate_metrics, metric)
-    prod = _value(production_metrics, metric)
+    cand, prod, major = finite(candidate_value), finite(production_value), finite(majority_value)
+    metric = rule.metric
 
     def made(promote: bool, reason: str) -> Decision:
-        return Decision(promote, reason, metric, candidate_id, cand, production_id, prod)
+        return Decision(promote, reason, metric, candidate_id, cand, production_id, prod, major, basis, num_samples)
 
     if production_id == candidate_id:
         return made(False, "the candidate already is the production model")
     if cand is None:
         return made(False, f"the candidate has no finite {metric!r}")
+    if cand < rule.min_value:
+        return made(False, f"{metric} {cand:.4f} is below the floor registry.min_value={rule.min_value:g}")
+    if major is None:
+        return made(False, f"the majority-class baseline of {metric!r} is unknown (empty test split?)")
+    if cand < major + rule.min_margin_over_majority:
+        return made(
+            False,
+            f"{metric} {cand:.4f} does not beat the majority-class classifier's {major:.4f} "
+            f"by registry.min_margin_over_majority={rule.min_margin_over_majority:g}",
+        )
+    if not same_classes:
+        return made(False, "the class lists differ from production's; only `promote --force --reason ...` can switch")
     if production_id is None:
-        return made(True, "there is no production model yet")
+        return made(True, "there is no production model yet and the candidate clears the floor and the majority margin")
     if prod is None:
-        return made(True, f"the production model has no finite {metric!r} to compare with")
+        return made(False, f"production has no finite {metric!r} on this test split; compare by hand and use --force")
     if cand > prod:
         return made(True, f"{metric} {cand:.4f} beats production's {prod:.4f}")
     return made(False, f"{metric} {cand:.4f} does not beat production's {prod:.4f}")
+
+
+# ------------------------------------------------------------------ registration and lineage
 
 
 def code_version(repo: Path | None = None) -> dict[str, Any]:
@@ -126,34 +200,115 @@ def candidate_dir(root: Path, model_id: str) -> Path:
     return Path(root) / CANDIDATES / model_id
 
 
-def register_candidate(
+def register_model(
     root: Path,
-    model_id: str,
-    checkpoint: Path,
+    cfg: Config,
     *,
-    metrics: Mapping[str, Any],
-    lineage: Mapping[str, Any],
-    calibration: Path | None = None,
-    extra_files: Mapping[str, Path] | None = None,
-) -> Path:
-    """Copy a trained model and its record into ``candidates/<model_id>/`` (once; later calls keep the first).
+    checkpoint: Path,
+    calibration: Path | None,
+    eval_dir: Path,
+    shards_dir: Path,
+    source: str,
+    stage_keys: Mapping[str, str] | None = None,
+    flow_run_id: str | None = None,
+) -> str:
+    """Copy a trained and evaluated model, its split table and lineage into ``candidates/<model_id>/``.
 
-    The checkpoint is copied byte for byte, so ``pipeline.checkpoint.model_id`` of the copy is ``model_id``.
+    Registering the same model again changes nothing, so a re-run flow or a repeated CLI call is harmless.
+    The evaluation and calibration must be of this very checkpoint: a stale workspace is refused.
     """
-    target = candidate_dir(root, model_id)
+    from pipeline.checkpoint import load_checkpoint
+    from pipeline.checkpoint import model_id as checkpoint_id
+
+    root, checkpoint, eval_dir, shards_dir = Path(root), Path(checkpoint), Path(eval_dir), Path(shards_dir)
+    if not checkpoint.is_file():
+        raise RegistryError(f"{checkpoint}: no trained model; run `dvc repro` or `astroflow run` first")
+    mid = checkpoint_id(checkpoint)
+    target = candidate_dir(root, mid)
     if (target / LINEAGE_FILE).is_file():
-        return target
-    with atomic_dir(target) as tmp:
-        shutil.copy2(checkpoint, tmp / MODEL_FILE)
-        if calibration is not None and Path(calibration).is_file():
-            shutil.copy2(calibration, tmp / CALIBRATION_FILE)
-        for name, path in (extra_files or {}).items():
-            if Path(path).is_file():
-                shutil.copy2(path, tmp / name)
-        (tmp / METRICS_FILE).write_text(json.dumps(dict(metrics), indent=2, default=str) + "\n")
-        record = {"model_id": model_id, "registered_at": _now(), **dict(lineage)}
-        (tmp / LINEAGE_FILE).write_text(json.dumps(record, indent=2, default=str) + "\n")
-    return target
+        return mid
+    metrics = _evaluation(eval_dir, mid)
+    lineage = _lineage(cfg, load_checkpoint(checkpoint), metrics, shards_dir, source, stage_keys, flow_run_id)
+    files = {MODEL_FILE: checkpoint, METRICS_FILE: eval_dir / METRICS_FILE, SPLIT_FILE: _split_table(shards_dir)}
+    if calibration is not None:
+        files[CALIBRATION_FILE] = _calibration(Path(calibration), mid)
+    files.update({name: eval_dir / name for name in EVAL_FILES if (eval_dir / name).is_file()})
+    with _registry_lock(root):
+        if not (target / LINEAGE_FILE).is_file():
+            with atomic_dir(target) as tmp:
+                for name, path in files.items():
+                    shutil.copy2(path, tmp / name)
+                record = {"model_id": mid, "registered_at": _now(), **lineage}
+                (tmp / LINEAGE_FILE).write_text(json.dumps(record, indent=2, default=str) + "\n")
+    return mid
+
+
+def _evaluation(eval_dir: Path, mid: str) -> dict[str, Any]:
+    """evaluate's metrics.json, refused unless it scores this checkpoint (not one trained before it)."""
+    path = eval_dir / METRICS_FILE
+    if not path.is_file():
+        raise RegistryError(f"{path}: no evaluation; run `astroflow evaluate` (or `dvc repro`) first")
+    metrics = read_json(path)
+    if metrics.get("model_id") != mid:
+        raise RegistryError(f"{path}: evaluates model {metrics.get('model_id')!r}, not {mid!r}; re-run evaluate")
+    return metrics
+
+
+def _calibration(path: Path, mid: str) -> Path:
+    if not path.is_file():
+        raise RegistryError(f"{path}: calibration file not found")
+    fitted_for = read_json(path).get("model_id")
+    if fitted_for != mid:
+        raise RegistryError(f"{path}: calibration is for model {fitted_for!r}, not {mid!r}; re-run calibrate")
+    return path
+
+
+def _split_table(shards_dir: Path) -> Path:
+    from pipeline.shards import SPLIT_TABLE
+
+    path = shards_dir / SPLIT_TABLE
+    if not path.is_file():
+        raise RegistryError(f"{path}: no split table (id -> split); re-run `astroflow shard`")
+    return path
+
+
+def _lineage(
+    cfg: Config,
+    payload: Mapping[str, Any],
+    metrics: Mapping[str, Any],
+    shards_dir: Path,
+    source: str,
+    stage_keys: Mapping[str, str] | None,
+    flow_run_id: str | None,
+) -> dict[str, Any]:
+    """What made the model and what it was tested on: enough to re-score it or to retrain it."""
+    from pipeline.shards import load_manifest
+
+    manifest = load_manifest(shards_dir)
+    names = list(payload["class_names"])
+    if names != list(manifest["class_names"]):
+        raise RegistryError(f"{shards_dir}: shards have class_names {manifest['class_names']}, the model {names}")
+    counts = manifest["splits"]["test"]["class_counts"]
+    return {
+        "source": source,
+        "model_name": payload["model_name"],
+        "class_names": names,
+        "config": cfg.to_dict(),
+        "config_hash": cfg.hash(),
+        "data_hash": manifest["data_hash"],
+        "split": manifest["split"],
+        "shards_dir": str(shards_dir.resolve()),
+        "test_class_counts": [int(counts[name]) for name in names],
+        "metrics": {k: metrics.get(k) for k in HEADLINE_METRICS},
+        "tta": metrics.get("tta"),
+        "temperature": metrics.get("temperature"),
+        "code": code_version(),
+        "stage_keys": dict(stage_keys) if stage_keys else None,
+        "flow_run_id": flow_run_id,
+    }
+
+
+# ------------------------------------------------------------------ reading
 
 
 def production_dir(root: Path) -> Path | None:
@@ -175,18 +330,258 @@ def production_checkpoint(root: Path) -> Path:
     """The production checkpoint (under ``production/``, so it follows later promotions)."""
     path = production_dir(root)
     if path is None:
-        raise RegistryError(f"{Path(root) / PRODUCTION}: no production model yet; run the retrain flow first")
+        raise RegistryError(f"{Path(root) / PRODUCTION}: no production model yet; run `astroflow registry promote` first")
     return path / MODEL_FILE
 
 
 def read_record(directory: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """(metrics, lineage) of a registered model directory."""
+    if not (Path(directory) / LINEAGE_FILE).is_file():
+        raise RegistryError(f"{directory}: not a registered model (no {LINEAGE_FILE}); it was not put there by `register`")
     return read_json(Path(directory) / METRICS_FILE), read_json(Path(directory) / LINEAGE_FILE)
+
+
+def _registered(root: Path, model_id: str) -> Path:
+    path = candidate_dir(root, model_id)
+    if not (path / LINEAGE_FILE).is_file():
+        raise RegistryError(f"{model_id!r}: no such registered model in {root} (see `astroflow registry list`)")
+    return path
+
+
+def list_models(root: Path) -> list[dict[str, Any]]:
+    """One summary row per registered model, oldest first."""
+    root = Path(root)
+    prod = production_id(root)
+    rows = []
+    for lineage_path in (root / CANDIDATES).glob(f"[!.]*/{LINEAGE_FILE}"):
+        metrics, lineage = read_record(lineage_path.parent)
+        rows.append(
+            {
+                "model_id": lineage["model_id"],
+                "registered_at": lineage.get("registered_at"),
+                "source": lineage.get("source"),
+                "data_hash": lineage.get("data_hash"),
+                **{k: metrics.get(k) for k in ("top1", "macro_f1", "balanced_accuracy")},
+                "production": lineage["model_id"] == prod,
+            }
+        )
+    return sorted(rows, key=lambda r: str(r["registered_at"]))
+
+
+def latest_id(root: Path) -> str:
+    """The most recently registered model: what ``promote`` without a MODEL_ID means."""
+    rows = list_models(root)
+    if not rows:
+        raise RegistryError(f"{root}: no registered model; run `astroflow registry register` first")
+    return rows[-1]["model_id"]
+
+
+def show(root: Path, model_id: str | None = None) -> dict[str, Any]:
+    """Lineage, headline metrics and promotion history of one model (default: production)."""
+    root = Path(root)
+    if model_id is None:
+        model_id = production_id(root)
+        if model_id is None:
+            raise RegistryError(f"{root}: no production model; name a MODEL_ID (see `astroflow registry list`)")
+    metrics, lineage = read_record(_registered(root, model_id))
+    return {
+        "model_id": model_id,
+        "production": model_id == production_id(root),
+        "metrics": {k: metrics.get(k) for k in HEADLINE_METRICS},
+        "lineage": lineage,
+        "history": [h for h in history(root) if model_id in (h.get("candidate_id"), h.get("production_id"))],
+    }
+
+
+def format_models(rows: Sequence[Mapping[str, Any]]) -> str:
+    """``list_models`` rows as an aligned text table; ``*`` marks production."""
+    header = ("", "model_id", "registered_at", "source", "top1", "macro_f1", "bal_acc")
+    body = [
+        (
+            "*" if r["production"] else "",
+            str(r["model_id"]),
+            str(r["registered_at"] or "")[:19],
+            str(r["source"] or ""),
+            *(f"{v:.4f}" if finite(v) is not None else "n/a" for v in (r["top1"], r["macro_f1"], r["balanced_accuracy"])),
+        )
+        for r in rows
+    ]
+    widths = [max(len(row[i]) for row in (header, *body)) for i in range(len(header))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in (header, *body))
+
+
+def history(root: Path) -> list[dict[str, Any]]:
+    path = Path(root) / HISTORY
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+# ------------------------------------------------------------------ promotion and rollback
+
+
+@dataclass(frozen=True)
+class _Scores:
+    """Both models' values of the registry metric on one test split, and that split's class counts."""
+
+    candidate: float | None
+    production: float | None
+    class_counts: Sequence[int]
+    basis: str
+    num_samples: int | None
+    same_classes: bool = True
+
+
+def promote(
+    root: Path,
+    model_id: str,
+    cfg: Config,
+    *,
+    shards_dir: Path | None = None,
+    force: bool = False,
+    reason: str | None = None,
+    by: str = "cli",
+) -> Decision:
+    """Apply the rule to a registered model and switch production if it wins; every call is logged.
+
+    ``shards_dir`` holds the candidate's test split (default: the one recorded at registration); it is
+    read only when production must be re-scored. ``force`` skips the rule and needs a ``reason``.
+    """
+    root = Path(root)
+    _registered(root, model_id)
+    if force and not (reason or "").strip():
+        raise RegistryError("promote --force needs --reason: the history must say why the rule was overridden")
+    with _registry_lock(root):
+        prod_id = production_id(root)
+        if force:
+            decision = _forced(root, model_id, prod_id, cfg.registry.metric, f"forced by {by}: {reason}")
+        else:
+            scores = _scores(root, model_id, prod_id, cfg, shards_dir)
+            decision = decide(
+                model_id,
+                scores.candidate,
+                rule=Rule.from_config(cfg.registry),
+                majority_value=majority_baseline(scores.class_counts, cfg.registry.metric),
+                production_id=prod_id,
+                production_value=scores.production,
+                same_classes=scores.same_classes,
+                basis=scores.basis,
+                num_samples=scores.num_samples,
+            )
+        if decision.promote:
+            _switch(root, model_id)
+        _log(root, {"action": "promote", "by": by, "comment": reason, **decision.to_dict()})
+    return decision
+
+
+def _forced(root: Path, model_id: str, prod_id: str | None, metric: str, reason: str) -> Decision:
+    """A person's decision: promoted whatever the rule says (unless it already is production)."""
+    cand = finite(read_record(candidate_dir(root, model_id))[0].get(metric))
+    prod = finite(read_record(candidate_dir(root, prod_id))[0].get(metric)) if prod_id else None
+    if prod_id == model_id:
+        return Decision(False, "the candidate already is the production model", metric, model_id, cand, prod_id, prod)
+    return Decision(True, reason, metric, model_id, cand, prod_id, prod, basis="forced, not compared", forced=True)
+
+
+def _scores(root: Path, model_id: str, prod_id: str | None, cfg: Config, shards_dir: Path | None) -> _Scores:
+    """The registered metrics when both models were tested alike on the same galaxies; else a re-score."""
+    metric = cfg.registry.metric
+    cand_dir = candidate_dir(root, model_id)
+    cand_metrics, cand_lineage = read_record(cand_dir)
+    stored = _Scores(
+        cand_metrics.get(metric), None, cand_lineage["test_class_counts"], STORED, cand_metrics.get("num_samples")
+    )
+    if prod_id is None or prod_id == model_id:
+        return stored
+    prod_dir = candidate_dir(root, prod_id)
+    prod_metrics, prod_lineage = read_record(prod_dir)
+    stored = replace(stored, production=prod_metrics.get(metric))
+    if prod_lineage.get("class_names") != cand_lineage["class_names"]:
+        return replace(stored, same_classes=False)
+    same = (
+        prod_lineage.get("data_hash") == cand_lineage["data_hash"]
+        and bool(prod_metrics.get("tta")) == bool(cand_metrics.get("tta"))
+        and _split_ids(prod_dir / SPLIT_FILE, "test") == _split_ids(cand_dir / SPLIT_FILE, "test")
+    )
+    return stored if same else _rescore(cfg, cand_dir, prod_dir, Path(shards_dir or cand_lineage["shards_dir"]))
+
+
+def _split_ids(table: Path, split: str) -> set[str]:
+    """Galaxy ids in ``split`` of a split table written by the shard stage."""
+    import pyarrow.parquet as pq
+
+    if not table.is_file():
+        raise RegistryError(f"{table}: no split table; cannot tell which galaxies a model trained on (use --force)")
+    columns = pq.read_table(table, columns=["id", "split"]).to_pydict()
+    return {str(i) for i, s in zip(columns["id"], columns["split"]) if s == split}
+
+
+def _rescore(cfg: Config, cand_dir: Path, prod_dir: Path, shards_dir: Path) -> _Scores:
+    """Both models on the candidate's test split minus production's training galaxies, scored alike."""
+    from pipeline.evaluate import load_and_predict
+    from pipeline.shards import load_manifest
+
+    data_hash = read_record(cand_dir)[1]["data_hash"]
+    test_ids = _split_ids(cand_dir / SPLIT_FILE, "test")
+    if load_manifest(shards_dir).get("data_hash") != data_hash or _split_ids(_split_table(shards_dir), "test") != test_ids:
+        raise RegistryError(
+            f"{shards_dir}: not the test split {cand_dir.name} was evaluated on (data {data_hash}); "
+            "pass the shards it was registered with"
+        )
+    excluded = _split_ids(prod_dir / SPLIT_FILE, "train")
+    values = []
+    for model_dir in (cand_dir, prod_dir):
+        preds, names, _ = load_and_predict(
+            cfg, shards_dir, model_dir / MODEL_FILE, "test", progress=False, exclude_ids=excluded
+        )
+        values.append(M.summarize(preds.logits, preds.labels, names, bins=cfg.calibrate.bins)[cfg.registry.metric])
+    basis = (
+        f"both re-scored on the candidate's test split in {shards_dir}, {len(preds.labels)} galaxies "
+        "after leaving out production's training split"
+    )
+    counts = np.bincount(preds.labels, minlength=len(names)).tolist()
+    return _Scores(values[0], values[1], counts, basis, len(preds.labels))
+
+
+def rollback(root: Path, *, reason: str | None = None, by: str = "cli") -> str:
+    """Put back the model that was production before the current one, as the history records it."""
+    root = Path(root)
+    with _registry_lock(root):
+        current = production_id(root)
+        if current is None:
+            raise RegistryError(f"{root}: no production model to roll back")
+        stack = _production_stack(history(root))
+        if not stack or stack[-1] != current:
+            raise RegistryError(f"{root / PRODUCTION}: points at {current}, which the history did not put there")
+        if len(stack) < 2:
+            raise RegistryError(f"{root}: {current} is the first production model; there is nothing to roll back to")
+        previous = stack[-2]
+        _registered(root, previous)
+        _switch(root, previous)
+        _log(
+            root,
+            {"action": "rollback", "by": by, "promote": True, "forced": True, "reason": reason or "rollback",
+             "candidate_id": previous, "production_id": current},
+        )
+    return previous
+
+
+def _production_stack(entries: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Production models in the order they were installed, each rollback undoing the latest."""
+    stack: list[str] = []
+    for entry in entries:
+        if not entry.get("promote"):
+            continue
+        if entry.get("action") == "rollback":
+            stack.pop()
+        else:
+            stack.append(entry["candidate_id"])
+    return stack
 
 
 @contextmanager
 def _registry_lock(root: Path) -> Iterator[None]:
-    """Blocking ``flock``: two retrain runs finishing together compare against the same production model."""
+    """Blocking ``flock``: two runs finishing together compare against the same production model."""
     import fcntl
 
     root.mkdir(parents=True, exist_ok=True)
@@ -207,42 +602,10 @@ def _switch(root: Path, model_id: str) -> None:
     os.replace(tmp, link)
 
 
-def promote_if_better(root: Path, model_id: str, metric: str, *, context: Mapping[str, Any] | None = None) -> Decision:
-    """Compare the registered candidate with production on ``metric`` and switch if it wins; log the decision."""
-    root = Path(root)
-    cand = candidate_dir(root, model_id)
-    if not (cand / LINEAGE_FILE).is_file():
-        raise RegistryError(f"{cand}: not a registered candidate")
-    with _registry_lock(root):
-        cand_metrics, _ = read_record(cand)
-        prod_dir = production_dir(root)
-        prod_metrics = read_record(prod_dir)[0] if prod_dir is not None else None
-        decision = decide(model_id, cand_metrics, prod_dir.name if prod_dir else None, prod_metrics, metric)
-        if decision.promote:
-            _switch(root, model_id)
-        with open(root / HISTORY, "a") as fh:
-            fh.write(json.dumps({"at": _now(), **decision.to_dict(), **dict(context or {})}, default=str) + "\n")
-    return decision
-
-
-def set_production(root: Path, model_id: str, reason: str) -> None:
-    """Force ``model_id`` into production (a rollback), bypassing the rule but not the history."""
-    root = Path(root)
-    if not (candidate_dir(root, model_id) / LINEAGE_FILE).is_file():
-        raise RegistryError(f"{candidate_dir(root, model_id)}: not a registered candidate")
-    with _registry_lock(root):
-        previous = production_id(root)
-        _switch(root, model_id)
-        with open(root / HISTORY, "a") as fh:
-            record = {"at": _now(), "promote": True, "forced": True, "reason": reason, "candidate_id": model_id, "production_id": previous}
-            fh.write(json.dumps(record) + "\n")
-
-
-def history(root: Path) -> list[dict[str, Any]]:
-    path = Path(root) / HISTORY
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+def _log(root: Path, record: Mapping[str, Any]) -> None:
+    """Append one line under the lock: one ``write`` of a complete line, so readers never see half of it."""
+    with open(root / HISTORY, "a") as fh:
+        fh.write(json.dumps({"at": _now(), **record}, default=str) + "\n")
 
 
 def _now() -> str:

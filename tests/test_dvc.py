@@ -3,55 +3,16 @@
 from __future__ import annotations
 
 import json
-import os
-import re
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
 from pipeline.catalog import read_predictions
+from tests.conftest import ran_stages as _ran
+from tests.conftest import run_ok as _run
 
-ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
-
-
-def _run(cmd: list[str], cwd: Path) -> str:
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", "TQDM_DISABLE": "1"}
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{out[-4000:]}"
-    return out
-
-
-def _ran(output: str) -> list[str]:
-    return re.findall(r"Running stage '([a-z]+)'", output)
-
-
-@pytest.fixture
-def project(tmp_path: Path) -> Path:
-    repo = tmp_path / "repo"
-    files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
-    for name in files + ["dvc.yaml", "params.yaml"]:
-        src = ROOT / name
-        if src.is_file():
-            (repo / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, repo / name)
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["data"]["synthetic"].update(num_images=160, image_size=48)
-    params["model"].update(name="astroformer_pico", img_size=32)
-    params["train"].update(epochs=2, batch_size=16, warmup_epochs=0, workers=0, shuffle_buffer=50)
-    params["predict"].update(workers=0, batch_size=8)
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    _run(["git", "init", "-q"], repo)
-    _run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "add", "-A"], repo)
-    _run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "init"], repo)
-    if not (repo / ".dvc").is_dir():
-        _run(["dvc", "init", "-q"], repo)
-    return repo
 
 
 def test_dvc_repro_data_stages_noop_and_seed_change(project: Path):

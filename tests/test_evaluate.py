@@ -6,141 +6,36 @@ import csv
 import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
-import timm
 import torch
+from conftest import GAP_MODEL, SHARD_SIZE, eval_cfg, make_checkpoint, nearest_red_mean, register_gap_model
 from PIL import Image
 from sklearn import metrics as skm
-from timm.models import register_model
 
 from pipeline import metrics as M
 from pipeline.calibrate import calibrate
 from pipeline.checkpoint import save_checkpoint
-from pipeline.config import Config, load_config
 from pipeline.errors import CheckpointError, DataError
 from pipeline.evaluate import evaluate
-from pipeline.prepare import write_prepared
-from pipeline.shards import iter_split, load_manifest, write_shards
-from pipeline.sources.arrays import ArraySource
-from pipeline.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
+from pipeline.shards import iter_split, load_manifest
+from pipeline.transforms import eval_transform
 
-GAP_MODEL = "astroflow_test_gap_linear"
-SHARD_SIZE = 32
-OVERRIDES = [
-    "shard.workers=1",
-    "shard.max_samples_per_shard=7",
-    "split.train=0.6",
-    "split.val=0.2",
-    "split.test=0.2",
-    "evaluate.workers=0",
-    "evaluate.device=cpu",
-    "evaluate.batch_size=8",
-    "calibrate.bins=5",
-]
-
-
-class GapLinear(torch.nn.Module):
-    """Global average pooling then a linear layer: invariant to every rotation and flip by construction."""
-
-    def __init__(self, num_classes: int = 10, **_: Any) -> None:
-        super().__init__()
-        self.fc = torch.nn.Linear(3, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(x.mean(dim=(-2, -1)))
-
-
-if not timm.is_model(GAP_MODEL):
-
-    @register_model
-    def astroflow_test_gap_linear(pretrained: bool = False, **kwargs: Any) -> GapLinear:
-        return GapLinear(num_classes=kwargs.get("num_classes", 10))
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Any:
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine they stall each other."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def _cfg(*extra: str) -> Config:
-    return load_config(None, [*OVERRIDES, *extra])
-
-
-RED_STEP = 20
-RED_NOISE = 12
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """100 noisy 32 px images whose mean red level encodes the label (noisily), in 7-sample shards."""
-    root = tmp_path_factory.mktemp("eval-data")
-    cfg = _cfg()
-    rng = np.random.default_rng(0)
-    n = 100
-    labels = np.arange(n) % cfg.data.num_classes
-    images = rng.integers(0, 80, size=(n, SHARD_SIZE, SHARD_SIZE, 3))
-    images[..., 0] += (RED_STEP * labels + rng.normal(0, RED_NOISE, n)).astype(int)[:, None, None]
-    src = ArraySource(np.clip(images, 0, 255).astype(np.uint8), labels, ids=[f"gal/{i}.x" for i in range(n)])
-    write_prepared(src, root / "dataset.h5", cfg.data, progress=False)
-    write_shards(cfg, root / "dataset.h5", root / "shards", progress=False)
-    return root / "shards"
-
-
-def _nearest_red_mean(model: torch.nn.Module, sharpness: float) -> None:
-    """Make the GAP model a nearest-class-mean classifier on the red channel, ``sharpness`` times too confident.
-
-    With class means m_c, logits k*m_c*t - k*m_c**2/2 rank classes as -(t - m_c)**2 does.
-    """
-    mean, std = IMAGENET_MEAN[0], IMAGENET_STD[0]
-    centres = torch.tensor([((40 + RED_STEP * c) / 255 - mean) / std for c in range(model.fc.out_features)])
-    noise = RED_NOISE / 255 / std
-    k = sharpness / noise**2
-    with torch.no_grad():
-        model.fc.weight.zero_()
-        model.fc.weight[:, 0] = k * centres
-        model.fc.bias.copy_(-k * centres**2 / 2)
-
-
-def _checkpoint(
-    path: Path, name: str, *, img_size: int, input_range: str = "imagenet", init: Callable[[torch.nn.Module], None] | None = None
-) -> Path:
-    from models.summary import create_model
-
-    cfg = _cfg(f"model.name={name}", f"model.img_size={img_size}", f"train.input_range={input_range}")
-    torch.manual_seed(0)
-    model = create_model(name, num_classes=cfg.data.num_classes, img_size=img_size)
-    if init is not None:
-        init(model)
-    payload = {
-        "model": model.state_dict(),
-        "config": cfg.to_dict(),
-        "class_names": cfg.data.class_names,
-        "model_name": name,
-        "img_size": img_size,
-        "epoch": 0,
-        "metrics": {},
-    }
-    save_checkpoint(path, payload)
-    return path
+register_gap_model()
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def resnet(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return _checkpoint(tmp_path_factory.mktemp("ckpt") / "resnet18.pt", "resnet18", img_size=SHARD_SIZE)
+    return make_checkpoint(tmp_path_factory.mktemp("ckpt") / "resnet18.pt", "resnet18", img_size=SHARD_SIZE)
 
 
 @pytest.fixture(scope="module")
 def gap(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Colour-only, informative and 10x over-confident: a model temperature scaling must cool down."""
     path = tmp_path_factory.mktemp("ckpt") / "gap.pt"
-    return _checkpoint(path, GAP_MODEL, img_size=SHARD_SIZE, init=lambda m: _nearest_red_mean(m, 10.0))
+    return make_checkpoint(path, GAP_MODEL, img_size=SHARD_SIZE, init=lambda m: nearest_red_mean(m, 10.0))
 
 
 def _read_csv(path: Path) -> list[dict[str, str]]:
@@ -148,18 +43,18 @@ def _read_csv(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(fh))
 
 
-def test_evaluate_writes_every_output(shards: Path, resnet: Path, tmp_path: Path) -> None:
-    cfg = _cfg()
+def test_evaluate_writes_every_output(red_shards: Path, resnet: Path, tmp_path: Path) -> None:
+    cfg = eval_cfg()
     out = tmp_path / "eval"
     copy = tmp_path / "metrics" / "eval.json"
-    result = evaluate(cfg, shards, resnet, out, metrics_path=copy, progress=False)
+    result = evaluate(cfg, red_shards, resnet, out, metrics_path=copy, progress=False)
 
     metrics = json.loads((out / "metrics.json").read_text())
     assert json.loads(copy.read_text()) == metrics
     for key in ("top1", "top5", "macro_f1", "balanced_accuracy", "num_samples", "per_class", "error_rate", "tta"):
         assert key in metrics
     assert metrics["tta"] is False and "temperature" not in metrics
-    n_test = load_manifest(shards)["splits"]["test"]["num_samples"]
+    n_test = load_manifest(red_shards)["splits"]["test"]["num_samples"]
     names = cfg.data.class_names
     assert metrics["num_samples"] == n_test == result["num_samples"]
     assert set(metrics["per_class"]) == set(names)
@@ -169,7 +64,7 @@ def test_evaluate_writes_every_output(shards: Path, resnet: Path, tmp_path: Path
 
     preds = _read_csv(out / "predictions.csv")
     assert list(preds[0]) == ["id", "row", "label", "pred", "max_prob"]
-    expected = {meta["row"]: (meta["id"], label) for _, label, meta in iter_split(shards, "test")}
+    expected = {meta["row"]: (meta["id"], label) for _, label, meta in iter_split(red_shards, "test")}
     assert {int(p["row"]): (p["id"], int(p["label"])) for p in preds} == expected
     y = np.array([int(p["label"]) for p in preds])
     yhat = np.array([int(p["pred"]) for p in preds])
@@ -193,13 +88,13 @@ def test_evaluate_writes_every_output(shards: Path, resnet: Path, tmp_path: Path
     assert not list(out.parent.glob(".*tmp")), "temporary files left behind"
 
     first = {f: (out / f).read_bytes() for f in ("metrics.json", "predictions.csv", "confusion.csv", "report.md")}
-    evaluate(cfg, shards, resnet, out, metrics_path=copy, progress=False)
+    evaluate(cfg, red_shards, resnet, out, metrics_path=copy, progress=False)
     assert {f: (out / f).read_bytes() for f in first} == first, "a re-run must reproduce every output"
 
 
-def test_tta_runs_and_changes_a_rotation_sensitive_model(shards: Path, resnet: Path, tmp_path: Path) -> None:
-    plain = evaluate(_cfg(), shards, resnet, tmp_path / "plain", progress=False)
-    tta = evaluate(_cfg("evaluate.tta=true"), shards, resnet, tmp_path / "tta", progress=False)
+def test_tta_runs_and_changes_a_rotation_sensitive_model(red_shards: Path, resnet: Path, tmp_path: Path) -> None:
+    plain = evaluate(eval_cfg(), red_shards, resnet, tmp_path / "plain", progress=False)
+    tta = evaluate(eval_cfg("evaluate.tta=true"), red_shards, resnet, tmp_path / "tta", progress=False)
     assert tta["tta"] is True and json.loads((tmp_path / "tta" / "metrics.json").read_text())["tta"] is True
     p0 = np.array([float(r["max_prob"]) for r in _read_csv(tmp_path / "plain" / "predictions.csv")])
     p1 = np.array([float(r["max_prob"]) for r in _read_csv(tmp_path / "tta" / "predictions.csv")])
@@ -207,9 +102,9 @@ def test_tta_runs_and_changes_a_rotation_sensitive_model(shards: Path, resnet: P
     assert plain["num_samples"] == tta["num_samples"]
 
 
-def test_tta_changes_nothing_for_a_rotation_invariant_model(shards: Path, gap: Path, tmp_path: Path) -> None:
-    plain = evaluate(_cfg(), shards, gap, tmp_path / "plain", progress=False)
-    tta = evaluate(_cfg("evaluate.tta=true"), shards, gap, tmp_path / "tta", progress=False)
+def test_tta_changes_nothing_for_a_rotation_invariant_model(red_shards: Path, gap: Path, tmp_path: Path) -> None:
+    plain = evaluate(eval_cfg(), red_shards, gap, tmp_path / "plain", progress=False)
+    tta = evaluate(eval_cfg("evaluate.tta=true"), red_shards, gap, tmp_path / "tta", progress=False)
     a = _read_csv(tmp_path / "plain" / "predictions.csv")
     b = _read_csv(tmp_path / "tta" / "predictions.csv")
     assert [r["pred"] for r in a] == [r["pred"] for r in b]
@@ -220,13 +115,13 @@ def test_tta_changes_nothing_for_a_rotation_invariant_model(shards: Path, gap: P
 
 
 def test_preprocessing_comes_from_the_checkpoint(
-    shards: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    red_shards: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Checkpoint trained at 16 px on [-1, 1] inputs; the evaluating config says 32 px and ImageNet statistics."""
     import pipeline.evaluate as ev
 
-    ckpt = _checkpoint(tmp_path / "gap16.pt", GAP_MODEL, img_size=16, input_range="minus_one_one")
-    cfg = _cfg("model.img_size=32", "train.input_range=imagenet", "evaluate.workers=2")
+    ckpt = make_checkpoint(tmp_path / "gap16.pt", GAP_MODEL, img_size=16, input_range="minus_one_one")
+    cfg = eval_cfg("model.img_size=32", "train.input_range=imagenet", "evaluate.workers=2")
     calls = []
 
     def spy(img_size: int, input_range: str) -> Callable[[np.ndarray], torch.Tensor]:
@@ -234,14 +129,14 @@ def test_preprocessing_comes_from_the_checkpoint(
         return eval_transform(img_size, input_range)
 
     monkeypatch.setattr(ev, "eval_transform", spy)
-    evaluate(cfg, shards, ckpt, tmp_path / "eval", progress=False)
+    evaluate(cfg, red_shards, ckpt, tmp_path / "eval", progress=False)
     assert calls == [(16, "minus_one_one")]
 
     from pipeline.checkpoint import load_model
 
     model, _, _ = load_model(ckpt)
     transform = eval_transform(16, "minus_one_one")
-    samples = list(iter_split(shards, "test"))
+    samples = list(iter_split(red_shards, "test"))
     x = torch.stack([transform(img) for img, _, _ in samples])
     assert x.shape[-1] == 16
     with torch.inference_mode():
@@ -252,20 +147,20 @@ def test_preprocessing_comes_from_the_checkpoint(
     np.testing.assert_allclose([got[r] for r in sorted(got)], [expected[r] for r in sorted(got)], atol=2e-6)
 
 
-def test_calibrate_then_evaluate_cools_an_overconfident_model(shards: Path, gap: Path, tmp_path: Path) -> None:
-    cfg = _cfg()
+def test_calibrate_then_evaluate_cools_an_overconfident_model(red_shards: Path, gap: Path, tmp_path: Path) -> None:
+    cfg = eval_cfg()
     cal_path = tmp_path / "calibration.json"
-    cal = calibrate(cfg, shards, gap, cal_path, progress=False)
+    cal = calibrate(cfg, red_shards, gap, cal_path, progress=False)
     stored = json.loads(cal_path.read_text())
     assert stored == json.loads(json.dumps(cal))
     assert stored["split"] == "val" and stored["enabled"] is True
-    assert stored["num_samples"] == load_manifest(shards)["splits"]["val"]["num_samples"]
+    assert stored["num_samples"] == load_manifest(red_shards)["splits"]["val"]["num_samples"]
     assert stored["model_id"].startswith(GAP_MODEL + "-")
     assert 1 < stored["temperature"] < 100, "fitted, not clipped at the bound"
     assert stored["ece_after"] < stored["ece_before"] and stored["nll_after"] < stored["nll_before"]
 
     out = tmp_path / "eval"
-    result = evaluate(cfg, shards, gap, out, calibration=cal_path, progress=False)
+    result = evaluate(cfg, red_shards, gap, out, calibration=cal_path, progress=False)
     assert result["temperature"] == stored["temperature"]
     assert result["ece_before"] == result["ece"]
     assert result["top1"] > 0.3, "the constructed model should be informative"
@@ -277,28 +172,28 @@ def test_calibrate_then_evaluate_cools_an_overconfident_model(shards: Path, gap:
     assert "## Calibration" in (out / "report.md").read_text()
 
 
-def test_disabled_calibration_writes_temperature_one(shards: Path, gap: Path, tmp_path: Path) -> None:
-    cal = calibrate(_cfg("calibrate.enabled=false"), shards, gap, tmp_path / "cal.json", progress=False)
+def test_disabled_calibration_writes_temperature_one(red_shards: Path, gap: Path, tmp_path: Path) -> None:
+    cal = calibrate(eval_cfg("calibrate.enabled=false"), red_shards, gap, tmp_path / "cal.json", progress=False)
     assert json.loads((tmp_path / "cal.json").read_text()) == json.loads(json.dumps(cal))
     assert cal["temperature"] == 1.0 and cal["enabled"] is False and "enabled is false" in cal["note"]
     assert cal["ece_before"] == cal["ece_after"] > 0.1, "the over-confident model's raw ECE is still reported"
-    result = evaluate(_cfg(), shards, gap, tmp_path / "eval", calibration=tmp_path / "cal.json", progress=False)
+    result = evaluate(eval_cfg(), red_shards, gap, tmp_path / "eval", calibration=tmp_path / "cal.json", progress=False)
     assert result["temperature"] == 1.0 and result["ece_after"] == pytest.approx(result["ece_before"])
 
 
-def test_evaluate_refuses_a_calibration_made_for_another_model(shards: Path, gap: Path, resnet: Path, tmp_path: Path) -> None:
-    cfg = _cfg("calibrate.enabled=false")
-    calibrate(cfg, shards, resnet, tmp_path / "cal.json", progress=False)
+def test_evaluate_refuses_a_calibration_made_for_another_model(red_shards: Path, gap: Path, resnet: Path, tmp_path: Path) -> None:
+    cfg = eval_cfg("calibrate.enabled=false")
+    calibrate(cfg, red_shards, resnet, tmp_path / "cal.json", progress=False)
     with pytest.raises(CheckpointError, match="calibration is for model"):
-        evaluate(cfg, shards, gap, tmp_path / "eval", calibration=tmp_path / "cal.json", progress=False)
+        evaluate(cfg, red_shards, gap, tmp_path / "eval", calibration=tmp_path / "cal.json", progress=False)
     assert not (tmp_path / "eval").exists()
 
 
-def test_evaluate_refuses_shards_with_other_class_names(shards: Path, tmp_path: Path) -> None:
+def test_evaluate_refuses_shards_with_other_class_names(red_shards: Path, tmp_path: Path) -> None:
     from models.summary import create_model
 
     names = [f"c{i}" for i in range(10)]
-    cfg = _cfg()
+    cfg = eval_cfg()
     model = create_model(GAP_MODEL, num_classes=10, img_size=SHARD_SIZE)
     save_checkpoint(
         tmp_path / "other.pt",
@@ -306,4 +201,4 @@ def test_evaluate_refuses_shards_with_other_class_names(shards: Path, tmp_path: 
          "img_size": SHARD_SIZE, "epoch": 0, "metrics": {}},
     )
     with pytest.raises(DataError, match="class_names"):
-        evaluate(cfg, shards, tmp_path / "other.pt", tmp_path / "eval", progress=False)
+        evaluate(cfg, red_shards, tmp_path / "other.pt", tmp_path / "eval", progress=False)

@@ -2,7 +2,7 @@
 the nightly catalog (new inputs only, re-runs, a failed chunk, two runs at once, the Dask task runner with per-chunk tasks).
 
 One tiny real training run (synthetic 32 px images, astroformer_pico, one epoch, under torchrun) is shared
-by the module; everything else reuses its cache directories and its production model.
+by the train tests; the nightly tests use a workdir of their own with a random-weights production model.
 """
 
 from __future__ import annotations
@@ -20,22 +20,12 @@ import pytest
 import yaml
 
 from flows import config_from_parameters
-from flows.cache import MARKER, STAGES, StageDir, plan_keys, run_stage, stage_key
-from flows.nightly_catalog import (
-    LOCK_FILE,
-    STATE_FILE,
-    NightlyBusy,
-    catalog_lock,
-    dask_task_runner,
-    nightly_catalog,
-    scan_inbox,
-)
-from flows.train_pipeline import TrainingFailed, stream_command, torchrun_command, train_pipeline
+from flows.nightly_catalog import dask_task_runner, nightly_catalog
+from flows.train_pipeline import train_pipeline
 from pipeline import registry as reg
 from pipeline.catalog import read_predictions
 from pipeline.config import (
     ModelConfig,
-    PredictConfig,
     ScheduleConfig,
     SplitConfig,
     TrainConfig,
@@ -43,7 +33,11 @@ from pipeline.config import (
 )
 from pipeline.errors import ConfigError
 from pipeline.layout import Layout
-from tests.conftest import make_galaxy10_h5
+from pipeline.orchestrate.graph import stored_stages
+from pipeline.orchestrate.launch import TrainingFailed
+from pipeline.orchestrate.store import MARKER, StageDir, plan_keys
+from pipeline.nightly import LOCK_FILE, STATE_FILE, NightlyBusy, catalog_lock
+from tests.conftest import install_production_model, make_galaxy10_h5
 
 TINY = {
     "data": {"synthetic": {"num_images": 120, "image_size": 32}},
@@ -55,12 +49,15 @@ TINY = {
     },
     "evaluate": {"workers": 0, "batch_size": 32, "device": "cpu"},
     "predict": {"workers": 0, "batch_size": 16, "chunk_size": 16, "device": "cpu"},
-    "registry": {"metric": "top1"},
+    "registry": {"metric": "top1", "min_value": 0.0, "min_margin_over_majority": 0.0},  # a 2-step toy model
     "schedule": {"inbox_settle_s": 0, "lock_timeout_s": 120},
 }
 
 
 # ------------------------------------------------------------------ no Prefect needed
+
+
+STAGES = [s.name for s in stored_stages()]
 
 
 def test_parameters_override_only_the_fields_they_set(tmp_path: Path) -> None:
@@ -75,113 +72,6 @@ def test_parameters_override_only_the_fields_they_set(tmp_path: Path) -> None:
     assert (cfg.train.epochs, cfg.train.batch_size, cfg.train.warmup_epochs) == (2, 8, 0)
     with pytest.raises(ConfigError, match="params file not found"):
         config_from_parameters("missing.yaml", tmp_path, {})
-
-
-@pytest.mark.parametrize(
-    ("override", "changed"),
-    [
-        ("train.lr=0.1", {"train", "calibrate", "evaluate"}),
-        ("model.drop_path_rate=0.3", {"train", "calibrate", "evaluate"}),
-        ("split.seed=7", {"shard", "train", "calibrate", "evaluate"}),
-        ("shard.image_format=npy", {"shard", "train", "calibrate", "evaluate"}),
-        ("validate.min_class_count=2", {"validate", "shard", "train", "calibrate", "evaluate"}),
-        ("data.synthetic.seed=5", set(STAGES)),
-        ("calibrate.max_iter=50", {"calibrate", "evaluate"}),
-        ("evaluate.tta=true", {"calibrate", "evaluate"}),
-        ("predict.batch_size=7", set()),
-        ("registry.metric=top1", set()),
-    ],
-)
-def test_stage_keys_follow_the_sections_each_stage_reads(tmp_path: Path, override: str, changed: set[str]) -> None:
-    layout = Layout(tmp_path)
-    before = plan_keys(load_config(None), layout)
-    after = plan_keys(load_config(None, [override]), layout)
-    assert {s for s in STAGES if before[s] != after[s]} == changed
-    assert plan_keys(load_config(None), layout) == before  # deterministic
-
-
-def test_file_source_identity_is_part_of_the_prepare_key(tmp_path: Path) -> None:
-    src = tmp_path / "g10.h5"
-    make_galaxy10_h5(src, n=20)
-    cfg = load_config(None, ["data.source=h5", f"data.path={src}"])
-    before = plan_keys(cfg, Layout(tmp_path))
-    make_galaxy10_h5(src, n=21)
-    after = plan_keys(cfg, Layout(tmp_path))
-    assert all(before[s] != after[s] for s in STAGES)
-    with pytest.raises(ValueError, match="needs the keys"):
-        stage_key("train", cfg, {})
-
-
-def test_run_stage_commits_only_complete_directories(tmp_path: Path) -> None:
-    where = StageDir(tmp_path, "train", "k1")
-    calls = []
-
-    def broken(out: Path) -> dict[str, Any]:
-        (out / "half.bin").write_bytes(b"x")
-        raise RuntimeError("killed mid-stage")
-
-    def good(out: Path) -> dict[str, Any]:
-        calls.append(out)
-        (out / "model.bin").write_bytes(b"weights")
-        return {"loss": 0.5}
-
-    with pytest.raises(RuntimeError, match="killed"):
-        run_stage(where, broken)
-    assert not where.path.exists() and where.complete() is None
-    assert not [p for p in where.path.parent.iterdir() if p.name.endswith(".tmp")]
-
-    record, hit = run_stage(where, good, inputs={"shard": "s1"})
-    assert not hit and record["summary"] == {"loss": 0.5} and record["inputs"] == {"shard": "s1"}
-    assert (where.path / "model.bin").read_bytes() == b"weights" and (where.path / MARKER).is_file()
-    again, hit = run_stage(where, good)
-    assert hit and again["token"] == record["token"] and len(calls) == 1
-    assert where.prefect_key() == f"astroflow-train-k1-{record['token']}"
-
-
-def test_torchrun_command_and_log_tail(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    cfg = load_config(None, ["train.nproc_per_node=4"])
-    cmd = torchrun_command(cfg, tmp_path / "p.yaml", tmp_path / "shards", tmp_path / "out", run_id="abc")
-    assert cmd[1:3] == ["-m", "torch.distributed.run"]
-    assert "--nproc-per-node=4" in cmd and "--standalone" in cmd
-    assert cmd[cmd.index("-m", 3) + 1] == "pipeline.train"
-    multi = load_config(None, ["train.nnodes=2"])
-    monkeypatch.delenv("ASTROFLOW_RDZV_ENDPOINT", raising=False)
-    with pytest.raises(ConfigError, match="ASTROFLOW_RDZV_ENDPOINT"):
-        torchrun_command(multi, tmp_path / "p.yaml", tmp_path, tmp_path, run_id="abc")
-    monkeypatch.setenv("ASTROFLOW_RDZV_ENDPOINT", "node0:29400")
-    cmd = torchrun_command(multi, tmp_path / "p.yaml", tmp_path, tmp_path, run_id="abc")
-    assert "--rdzv-endpoint=node0:29400" in cmd and "--nnodes=2" in cmd and "--standalone" not in cmd
-
-    lines: list[str] = []
-
-    class Sink:
-        def info(self, fmt: str, *args: Any) -> None:
-            lines.append(fmt % args)
-
-    script = "import sys\nfor i in range(100): print(f'step {i}')\nsys.exit(3)"
-    with pytest.raises(TrainingFailed, match="status 3") as err:
-        stream_command([sys.executable, "-c", script], Sink())
-    assert "step 99" in str(err.value) and "step 10\n" not in str(err.value)  # the tail, not the whole log
-    assert "step 0" in lines[1] and "step 99" in lines[-1]  # every line reached the logger, in order
-
-
-def test_inbox_scan_skips_partial_and_processed_entries(tmp_path: Path) -> None:
-    inbox = tmp_path / "inbox"
-    inbox.mkdir()
-    make_galaxy10_h5(inbox / "a.h5", n=5)
-    make_galaxy10_h5(inbox / "b.h5", n=5)
-    (inbox / "c.h5.part").write_bytes(b"uploading")
-    (inbox / ".hidden.h5").write_bytes(b"x")
-    (inbox / "notes.txt").write_text("not an input")
-    new, skipped = scan_inbox(inbox, {}, settle_s=0)
-    assert [e.name for e in new] == ["a.h5", "b.h5"]
-    assert [s["input"] for s in skipped] == ["notes.txt"]
-    processed = {new[0].key: {}}
-    assert [e.name for e in scan_inbox(inbox, processed, settle_s=0)[0]] == ["b.h5"]
-    new_soon, skipped_soon = scan_inbox(inbox, {}, settle_s=3600)
-    assert not new_soon and {s["input"] for s in skipped_soon} == {"a.h5", "b.h5", "notes.txt"}
-    make_galaxy10_h5(inbox / "a.h5", n=6)  # a replaced file is a new input
-    assert "a.h5" in [e.name for e in scan_inbox(inbox, processed, settle_s=0)[0]]
 
 
 # ------------------------------------------------------------------ flows against a test server
@@ -249,10 +139,10 @@ def _artifacts(flow_run_id: UUID) -> dict[str, Any]:
 def test_first_run_builds_every_stage_and_promotes(first_run: tuple[Any, dict[str, Any]], workdir: Path) -> None:
     state, result = first_run
     assert state.is_completed(), state.message
-    assert not any(s["hit"] for s in result["stages"].values())
+    assert {s["how"] for s in result["stages"].values()} == {"built"}
     for stage, s in result["stages"].items():
         assert StageDir(workdir / "cache", stage, s["key"]).complete() is not None
-    assert result["promoted"] and result["decision"]["reason"] == "there is no production model yet"
+    assert result["promoted"] and result["decision"]["reason"].startswith("there is no production model yet")
     root = workdir / "registry"
     assert reg.production_id(root) == result["model_id"] == result["production_id"]
     from pipeline.checkpoint import model_id
@@ -282,7 +172,7 @@ def test_same_parameters_reuse_every_artifact(first_run: tuple[Any, dict[str, An
     markers = {s: (Path(v["path"]) / MARKER).read_text() for s, v in first["stages"].items()}
     state, second = _run_train(workdir)
     assert state.is_completed(), state.message
-    assert all(s["hit"] for s in second["stages"].values())
+    assert {s["how"] for s in second["stages"].values()} == {"hit"}
     assert {s: v["key"] for s, v in second["stages"].items()} == {s: v["key"] for s, v in first["stages"].items()}
     assert {s: (Path(v["path"]) / MARKER).read_text() for s, v in second["stages"].items()} == markers  # nothing rebuilt
     hits = _logs(_flow_run_id(state), "cache hit", len(STAGES))
@@ -311,7 +201,7 @@ def test_training_parameter_reuses_shards_and_retrains(first_run: tuple[Any, dic
     _, first = first_run
     state, result = _run_train(workdir, train=TrainConfig(seed=1))
     assert state.is_completed(), state.message
-    assert {s: v["hit"] for s, v in result["stages"].items()} == {
+    assert {s: v["how"] == "hit" for s, v in result["stages"].items()} == {
         "prepare": True, "validate": True, "shard": True, "train": False, "calibrate": False, "evaluate": False,
     }
     assert result["stages"]["shard"]["path"] == first["stages"]["shard"]["path"]
@@ -338,10 +228,18 @@ def test_failed_training_fails_the_task_with_the_log_tail(first_run: tuple[Any, 
 # ------------------------------------------------------------------ nightly catalog
 
 
+@pytest.fixture(scope="module")
+def nightly_workdir(harness: Any, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A workdir of its own with a random-weights production model, so the nightly tests need no training run."""
+    root = tmp_path_factory.mktemp("nightly")
+    (root / "params.yaml").write_text(yaml.safe_dump(TINY))
+    install_production_model(root / "registry")
+    return root
+
+
 def _nightly(workdir: Path, name: str, **kw: Any) -> tuple[Any, dict[str, Any]]:
     state = nightly_catalog(
-        predict=PredictConfig(output=f"catalogs/{name}"),
-        schedule=kw.pop("schedule", ScheduleConfig(inbox=f"inboxes/{name}")),
+        schedule=kw.pop("schedule", ScheduleConfig(inbox=f"inboxes/{name}", catalog=f"catalogs/{name}")),
         base_params="params.yaml",
         workdir=str(workdir),
         return_state=True,
@@ -358,64 +256,66 @@ def _inbox(workdir: Path, name: str, sizes: dict[str, int]) -> Path:
     return inbox
 
 
-def test_nightly_classifies_each_new_input_once(first_run: tuple[Any, dict[str, Any]], workdir: Path) -> None:
-    _inbox(workdir, "once", {"a.h5": 20, "b.h5": 30})
-    state, s = _nightly(workdir, "once")
+def test_nightly_classifies_each_new_input_once(nightly_workdir: Path) -> None:
+    _inbox(nightly_workdir, "once", {"a.h5": 20, "b.h5": 30})
+    state, s = _nightly(nightly_workdir, "once")
     assert state.is_completed(), state.message
-    catalog = workdir / "catalogs" / "once"
+    catalog = nightly_workdir / "catalogs" / "once"
     df = read_predictions(catalog)
     assert len(df) == 50 == s["rows_written"] == s["catalog_rows"]
     assert sorted(Path(p).name for p in df["source_file"].unique()) == ["a.h5", "b.h5"]
-    assert set(df["model_id"]) == {reg.production_id(workdir / "registry")} == {s["model_id"]}
+    assert set(df["model_id"]) == {reg.production_id(nightly_workdir / "registry")} == {s["model_id"]}
     assert not df.duplicated(["source_file", "source_row"]).any()
+    assert not (nightly_workdir / "data").exists()  # never the DVC predict stage's data/catalog
     arts = _artifacts(_flow_run_id(state))
     assert "nightly-catalog-summary" in arts and "| 2 | 2 | 0 | 0 | 50 | 50 |" in arts["nightly-catalog-summary"]["data"]
 
-    state, s = _nightly(workdir, "once")
+    state, s = _nightly(nightly_workdir, "once")
     assert state.is_completed() and s["new_inputs"] == 0 and s["rows_written"] == 0
     assert len(read_predictions(catalog)) == 50
 
-    _inbox(workdir, "once", {"c.h5": 7})
-    state, s = _nightly(workdir, "once")
+    _inbox(nightly_workdir, "once", {"c.h5": 7})
+    state, s = _nightly(nightly_workdir, "once")
     assert [r["input"] for r in s["classified"]] == ["c.h5"] and s["catalog_rows"] == 57
 
 
-def test_failed_nightly_run_is_completed_by_a_rerun(first_run: tuple[Any, dict[str, Any]], workdir: Path) -> None:
-    inbox = _inbox(workdir, "rerun", {"good.h5": 12})
+def test_failed_nightly_run_is_completed_by_a_rerun(nightly_workdir: Path) -> None:
+    inbox = _inbox(nightly_workdir, "rerun", {"good.h5": 12})
     (inbox / "broken.h5").write_bytes(b"not an hdf5 file at all")
-    state, _ = _nightly(workdir, "rerun")
+    state, _ = _nightly(nightly_workdir, "rerun")
     assert state.is_failed() and "broken.h5" in state.message
-    catalog = workdir / "catalogs" / "rerun"
+    catalog = nightly_workdir / "catalogs" / "rerun"
     assert len(read_predictions(catalog)) == 12
     assert len(yaml.safe_load((catalog / STATE_FILE).read_text())["inputs"]) == 1
 
     make_galaxy10_h5(inbox / "broken.h5", n=9, size=32, seed=5)  # the upload is repaired
-    state, s = _nightly(workdir, "rerun")
+    state, s = _nightly(nightly_workdir, "rerun")
     assert state.is_completed(), state.message
     assert [r["input"] for r in s["classified"]] == ["broken.h5"]
     df = read_predictions(catalog)
     assert len(df) == 21 and not df.duplicated(["source_file", "source_row"]).any()
 
 
-def test_two_nightly_runs_at_once_classify_each_input_once(first_run: tuple[Any, dict[str, Any]], workdir: Path) -> None:
-    _inbox(workdir, "twice", {"a.h5": 16, "b.h5": 16, "c.h5": 16})
+def test_two_nightly_runs_at_once_classify_each_input_once(nightly_workdir: Path) -> None:
+    _inbox(nightly_workdir, "twice", {"a.h5": 16, "b.h5": 16, "c.h5": 16})
     results: list[tuple[Any, dict[str, Any]]] = []
-    threads = [threading.Thread(target=lambda: results.append(_nightly(workdir, "twice"))) for _ in range(2)]
+    threads = [threading.Thread(target=lambda: results.append(_nightly(nightly_workdir, "twice"))) for _ in range(2)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     assert all(state.is_completed() for state, _ in results), [state.message for state, _ in results]
     assert sorted(s["new_inputs"] for _, s in results) == [0, 3]  # the second run waited, then found nothing new
-    df = read_predictions(workdir / "catalogs" / "twice")
+    df = read_predictions(nightly_workdir / "catalogs" / "twice")
     assert len(df) == 48 and not df.duplicated(["source_file", "source_row"]).any()
 
 
-def test_a_held_lock_makes_the_run_wait_then_give_up(first_run: tuple[Any, dict[str, Any]], workdir: Path) -> None:
-    _inbox(workdir, "locked", {"a.h5": 4})
-    catalog = workdir / "catalogs" / "locked"
+def test_a_held_lock_makes_the_run_wait_then_give_up(nightly_workdir: Path) -> None:
+    _inbox(nightly_workdir, "locked", {"a.h5": 4})
+    catalog = nightly_workdir / "catalogs" / "locked"
     with catalog_lock(catalog, timeout_s=0):
-        state, _ = _nightly(workdir, "locked", schedule=ScheduleConfig(inbox="inboxes/locked", lock_timeout_s=1))
+        schedule = ScheduleConfig(inbox="inboxes/locked", catalog="catalogs/locked", lock_timeout_s=1)
+        state, _ = _nightly(nightly_workdir, "locked", schedule=schedule)
     assert state.is_failed()
     with pytest.raises(NightlyBusy):
         state.result()
@@ -435,11 +335,11 @@ def _task_runs(flow_run_id: UUID, prefix: str) -> list[Any]:
 
 
 def test_a_failed_chunk_is_all_a_rerun_redoes(
-    first_run: tuple[Any, dict[str, Any]], workdir: Path, monkeypatch: pytest.MonkeyPatch
+    nightly_workdir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from pipeline import predict as predict_mod
 
-    _inbox(workdir, "chunkfail", {"big.h5": 40})  # chunks of 16: rows 0-15, 16-31, 32-39
+    _inbox(nightly_workdir, "chunkfail", {"big.h5": 40})  # chunks of 16: rows 0-15, 16-31, 32-39
     real = predict_mod.predict
 
     def chunk_1_fails(*args: Any, chunks: Any = None, **kw: Any) -> dict[str, Any]:
@@ -448,15 +348,15 @@ def test_a_failed_chunk_is_all_a_rerun_redoes(
         return real(*args, chunks=chunks, **kw)
 
     monkeypatch.setattr(predict_mod, "predict", chunk_1_fails)
-    state, _ = _nightly(workdir, "chunkfail")
+    state, _ = _nightly(nightly_workdir, "chunkfail")
     assert state.is_failed() and "big.h5" in state.message
-    catalog = workdir / "catalogs" / "chunkfail"
+    catalog = nightly_workdir / "catalogs" / "chunkfail"
     assert sorted(read_predictions(catalog)["source_row"]) == [*range(16), *range(32, 40)]
     assert not (catalog / STATE_FILE).exists() or not json.loads((catalog / STATE_FILE).read_text())["inputs"]
     assert not list((catalog / "runs").glob("*/complete.json"))
 
     monkeypatch.setattr(predict_mod, "predict", real)
-    state, s = _nightly(workdir, "chunkfail")
+    state, s = _nightly(nightly_workdir, "chunkfail")
     assert state.is_completed(), state.message
     (row,) = s["classified"]
     assert (row["input"], row["status"], row["num_written"], row["num_skipped_chunks"], row["num_predicted"]) == ("big.h5", "complete", 16, 2, 40)
@@ -465,16 +365,15 @@ def test_a_failed_chunk_is_all_a_rerun_redoes(
     assert sorted(df["source_row"]) == list(range(40)) and df["run_ts"].nunique() == 1
 
 
-def test_dask_runner_builds_the_same_catalog(first_run: tuple[Any, dict[str, Any]], workdir: Path) -> None:
-    _inbox(workdir, "dask", {"a.h5": 18, "b.h5": 22})  # two chunks of predict.chunk_size=16 each
-    state, threads_summary = _nightly(workdir, "dask")
+def test_dask_runner_builds_the_same_catalog(nightly_workdir: Path) -> None:
+    _inbox(nightly_workdir, "dask", {"a.h5": 18, "b.h5": 22})  # two chunks of predict.chunk_size=16 each
+    state, threads_summary = _nightly(nightly_workdir, "dask")
     assert state.is_completed(), state.message
     on_dask = nightly_catalog.with_options(task_runner=dask_task_runner(n_workers=2))
     state = on_dask(
-        predict=PredictConfig(output="catalogs/dask-cluster"),
-        schedule=ScheduleConfig(inbox="inboxes/dask"),
+        schedule=ScheduleConfig(inbox="inboxes/dask", catalog="catalogs/dask-cluster"),
         base_params="params.yaml",
-        workdir=str(workdir),
+        workdir=str(nightly_workdir),
         return_state=True,
     )
     assert state.is_completed(), state.message
@@ -485,9 +384,8 @@ def test_dask_runner_builds_the_same_catalog(first_run: tuple[Any, dict[str, Any
     assert all(r.state.is_completed() for r in chunk_runs)
     assert [r["num_chunks"] for r in dask_summary["classified"]] == [2, 2]
     cols = lambda df: df.drop(columns=["run_ts"]).sort_values(["source_file", "source_row"]).reset_index(drop=True)  # noqa: E731
-    pd.testing.assert_frame_equal(
-        cols(read_predictions(workdir / "catalogs" / "dask")), cols(read_predictions(workdir / "catalogs" / "dask-cluster"))
-    )
+    catalogs = nightly_workdir / "catalogs"
+    pd.testing.assert_frame_equal(cols(read_predictions(catalogs / "dask")), cols(read_predictions(catalogs / "dask-cluster")))
 
 
 def test_serve_builds_both_deployments(tmp_path: Path) -> None:

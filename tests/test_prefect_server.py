@@ -42,6 +42,7 @@ PARAMS = {
     "evaluate": {"workers": 0, "batch_size": 32, "device": "cpu"},
     "predict": {"workers": 0, "batch_size": 16, "chunk_size": 16, "device": "cpu"},
     "schedule": {"inbox_settle_s": 0, "lock_timeout_s": 120},
+    "registry": {"min_value": 0.0, "min_margin_over_majority": 0.0},  # a 2-step toy model; the floor has its own tests
 }
 TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 
@@ -229,7 +230,7 @@ def test_nightly_runs_on_cron_and_adds_only_new_inputs(stack: Stack, retrained: 
 
     first = stack.run(nightly, {}, timeout=150)
     assert first["state"]["type"] == "COMPLETED", first["state"]
-    catalog = stack.workdir / "data" / "catalog"
+    catalog = stack.workdir / "catalog"  # schedule.catalog, never the predict stage's data/catalog
     df = read_predictions(catalog)
     assert len(df) == 40
     assert sorted(Path(p).name for p in df["source_file"].unique()) == ["night1_a.h5", "night1_b.h5"]

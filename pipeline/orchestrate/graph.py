@@ -145,3 +145,14 @@ def downstream(name: str) -> list[str]:
         if hit & set(stage.upstream):
             hit.add(stage.name)
     return [s.name for s in STAGES if s.name in hit]
+
+
+def mermaid() -> str:
+    """The graph as a Mermaid flowchart (``docs/orchestration.md`` embeds it; a test keeps it current)."""
+    lines = ["flowchart LR"]
+    for stage in STAGES:
+        label = f"{stage.name}<br/><small>{stage.dir}</small>"
+        lines.append(f'  {stage.name}["{label}"]' if stage.stored else f'  {stage.name}[/"{label}"/]')
+        lines += [f"  {up} --> {stage.name}" for up in stage.upstream]
+    lines += ["  evaluate -.-> registry[(registry)]", "  registry -.-> nightly[/\"nightly<br/><small>schedule.catalog</small>\"/]"]
+    return "\n".join(lines)

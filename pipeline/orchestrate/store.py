@@ -10,7 +10,8 @@ Two kinds of directory carry a completion record with the key:
 * the store, ``<schedule.cache_root>/<stage>/<key>/``, where the flows build (under a temporary name,
   renamed into place after the record is written, so a crash never leaves a directory that looks done);
 * the workspace directory of a stage run by the CLI or DVC (``data/...``), whose record sits beside the
-  files in ``.astroflow-stage.json`` with each file's size and modification time.
+  files in ``.astroflow-stage.json`` with each file's size, modification time and SHA-256 (a file whose
+  mtime moved still counts when its bytes are the same: DVC replaces cached file outputs by copies).
 
 Either side reuses the other by hard links, never copies: a flow adopts a workspace directory whose
 record has the key it needs and whose files are unchanged, and the CLI checks a stored directory out
@@ -35,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import Config, stable_hash
-from pipeline.io import atomic_write_json
+from pipeline.io import atomic_write_json, sha256_file
 from pipeline.layout import Layout
 from pipeline.orchestrate.graph import GRAPH, stored_stages
 from pipeline.orchestrate.imports import code_digest
@@ -136,6 +137,7 @@ def _listing(directory: Path) -> dict[str, list[int]]:
 
 
 def _record(stage: str, key: str, summary: Mapping[str, Any], seconds: float, directory: Path) -> dict[str, Any]:
+    files = _listing(directory)
     return json.loads(
         json.dumps(
             {
@@ -145,7 +147,8 @@ def _record(stage: str, key: str, summary: Mapping[str, Any], seconds: float, di
                 "created_at": dt.datetime.now(dt.UTC).isoformat(),
                 "seconds": round(seconds, 3),
                 "summary": dict(summary),
-                "files": _listing(directory),
+                "files": files,
+                "sha256": {rel: sha256_file(directory / rel) for rel in files},
             },
             default=str,
         )
@@ -153,7 +156,12 @@ def _record(stage: str, key: str, summary: Mapping[str, Any], seconds: float, di
 
 
 def _unchanged(directory: Path, record: dict[str, Any]) -> bool:
-    return _listing(directory) == record.get("files")
+    """Same names and sizes, and same bytes where the mtime moved (DVC re-copies file outputs it caches)."""
+    now, then = _listing(directory), record.get("files") or {}
+    if {k: v[0] for k, v in now.items()} != {k: v[0] for k, v in then.items()}:
+        return False
+    moved = [rel for rel in now if now[rel] != then[rel]]
+    return all(sha256_file(directory / rel) == record.get("sha256", {}).get(rel) for rel in moved)
 
 
 def workspace_record(directory: Path) -> dict[str, Any] | None:

@@ -254,6 +254,14 @@ def cmd_serve(cfg: Config, layout: Layout, args: argparse.Namespace) -> dict[str
     return {}
 
 
+def _subcommands(sub: Any, helps: dict[str, str]) -> dict[str, argparse.ArgumentParser]:
+    """One sub-parser per (name, help), each with the common options."""
+    parsers = {name: sub.add_parser(name, help=text, description=text) for name, text in helps.items()}
+    for parser in parsers.values():
+        _common(parser)
+    return parsers
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="astroflow", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -268,9 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
         "serve": "serve the Prefect deployments (retrain, nightly-catalog)",
         "nightly": "classify new inbox inputs with the production model into the nightly catalog (no Prefect)",
     }
-    subs = {name: sub.add_parser(name, help=text, description=text) for name, text in helps.items()}
-    for p in subs.values():
-        _common(p)
+    subs = _subcommands(sub, helps)
     subs["train"].add_argument("--resume", action="store_true", help="continue from data/train/last.pt")
     subs["train"].add_argument("--print-command", action="store_true", help="print the torchrun command for this config (multi-node: run it on each node)")
     subs["predict"].add_argument("--input", type=Path, default=None, help="h5 file, shard dir, image folder or Zoobot catalog (default: predict.input, else the test split)")
@@ -298,9 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
         "promote": "promote by the registry rule (default: the latest registered model)",
         "rollback": "put the previous production model back",
     }
-    reg_subs = {name: actions.add_parser(name, help=text, description=text) for name, text in registry_helps.items()}
-    for p in reg_subs.values():
-        _common(p)
+    reg_subs = _subcommands(actions, registry_helps)
     for name in ("show", "promote"):
         reg_subs[name].add_argument("model_id", nargs="?", default=None, metavar="MODEL_ID")
     for name in ("promote", "rollback"):

@@ -280,3 +280,18 @@ def project(tmp_path: Path) -> Path:
     if not (repo / ".dvc").is_dir():
         run_ok(["dvc", "init", "-q"], repo)
     return repo
+
+
+@pytest.fixture
+def chunk_1_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``pipeline.predict.predict`` raises for chunk 1 of a fanned-out run, as if its worker were lost."""
+    from pipeline import predict as predict_mod
+
+    real = predict_mod.predict
+
+    def failing(*args: Any, chunks: Any = None, **kw: Any) -> dict[str, Any]:
+        if chunks == [1]:
+            raise RuntimeError("worker lost")
+        return real(*args, chunks=chunks, **kw)
+
+    monkeypatch.setattr(predict_mod, "predict", failing)

@@ -335,19 +335,9 @@ def _task_runs(flow_run_id: UUID, prefix: str) -> list[Any]:
 
 
 def test_a_failed_chunk_is_all_a_rerun_redoes(
-    nightly_workdir: Path, monkeypatch: pytest.MonkeyPatch
+    nightly_workdir: Path, monkeypatch: pytest.MonkeyPatch, chunk_1_fails: None
 ) -> None:
-    from pipeline import predict as predict_mod
-
     _inbox(nightly_workdir, "chunkfail", {"big.h5": 40})  # chunks of 16: rows 0-15, 16-31, 32-39
-    real = predict_mod.predict
-
-    def chunk_1_fails(*args: Any, chunks: Any = None, **kw: Any) -> dict[str, Any]:
-        if chunks == [1]:
-            raise RuntimeError("worker lost")
-        return real(*args, chunks=chunks, **kw)
-
-    monkeypatch.setattr(predict_mod, "predict", chunk_1_fails)
     state, _ = _nightly(nightly_workdir, "chunkfail")
     assert state.is_failed() and "big.h5" in state.message
     catalog = nightly_workdir / "catalogs" / "chunkfail"
@@ -355,7 +345,7 @@ def test_a_failed_chunk_is_all_a_rerun_redoes(
     assert not (catalog / STATE_FILE).exists() or not json.loads((catalog / STATE_FILE).read_text())["inputs"]
     assert not list((catalog / "runs").glob("*/complete.json"))
 
-    monkeypatch.setattr(predict_mod, "predict", real)
+    monkeypatch.undo()  # the worker is back
     state, s = _nightly(nightly_workdir, "chunkfail")
     assert state.is_completed(), state.message
     (row,) = s["classified"]

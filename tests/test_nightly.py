@@ -165,28 +165,18 @@ def test_cli_exits_3_on_a_failed_input_and_a_rerun_completes_it(workdir: Path, c
 
 
 def test_a_failed_chunk_keeps_the_input_unrecorded_and_a_rerun_redoes_only_it(
-    workdir: Path, monkeypatch: pytest.MonkeyPatch
+    workdir: Path, monkeypatch: pytest.MonkeyPatch, chunk_1_fails: None
 ) -> None:
-    from pipeline import predict as predict_mod
-
     install_production_model(workdir / "registry")
     _inbox(workdir, {"big.h5": 40})  # chunks of 16: rows 0-15, 16-31, 32-39
     cfg, layout = load_config(workdir / "params.yaml"), Layout(workdir)
-    real = predict_mod.predict
-
-    def chunk_1_fails(*args: Any, chunks: Any = None, **kw: Any) -> dict[str, Any]:
-        if chunks == [1]:
-            raise RuntimeError("worker lost")
-        return real(*args, chunks=chunks, **kw)
-
-    monkeypatch.setattr(predict_mod, "predict", chunk_1_fails)
     with nightly.local_executor(workers=2) as submit:
         summary = nightly.run_nightly(cfg, layout, submit)
     assert [(r["input"], r["error"].split(":")[0]) for r in summary["failed"]] == [("big.h5", "chunk 1")]
     assert not summary["classified"] and not nightly.load_state(layout.resolve(cfg.schedule.catalog))["inputs"]
     assert sorted(read_predictions(workdir / "catalog")["source_row"]) == [*range(16), *range(32, 40)]
 
-    monkeypatch.setattr(predict_mod, "predict", real)
+    monkeypatch.undo()  # the worker is back
     summary = nightly.run_nightly(cfg, layout)
     (row,) = summary["classified"]
     assert (row["status"], row["num_written"], row["num_skipped_chunks"], row["num_predicted"]) == ("complete", 16, 2, 40)

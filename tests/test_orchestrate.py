@@ -265,3 +265,11 @@ def test_print_command_shows_the_torchrun_line(tmp_path: Path, capsys: pytest.Ca
     assert main(["train", "--print-command", "--workdir", str(tmp_path), "--set", "train.nproc_per_node=2"]) == 0
     line = capsys.readouterr().out.strip()
     assert "torch.distributed.run" in line and "--nproc-per-node=2" in line and str(tmp_path / "data" / "shards") in line
+
+
+def test_the_documented_graph_is_the_declared_one() -> None:
+    from pipeline.orchestrate.graph import mermaid
+
+    doc = (ROOT / "docs" / "orchestration.md").read_text()
+    block = doc.split("<!-- graph -->", 1)[1].split("<!-- /graph -->", 1)[0]
+    assert block.strip() == f"```mermaid\n{mermaid()}\n```", "regenerate with `astroflow dvc-yaml --mermaid`"

@@ -1,6 +1,6 @@
 """Throughput of the predict stage against a plain per-image loop and against the model alone.
 
-Input: ``--num`` synthetic Galaxy10-like cutouts (``pipeline.sources.synthetic``) at ``--size`` px, written
+Input: ``--num`` synthetic Galaxy10-like cutouts (``pipeline.data.sources.synthetic``) at ``--size`` px, written
 both as a Galaxy10-schema HDF5 file and as a folder of JPEG files (the same images). Model: a
 randomly initialised ``--model`` at the checkpoint's ``--img-size`` (weights do not change the cost).
 
@@ -50,9 +50,9 @@ def build_inputs(args: argparse.Namespace) -> dict[str, str]:
     from PIL import Image
 
     from models.summary import create_model
-    from pipeline.checkpoint import save_checkpoint
+    from pipeline.learn.checkpoint import save_checkpoint
     from pipeline.config import GALAXY10_CLASS_NAMES, Config
-    from pipeline.sources.synthetic import write_synthetic_h5
+    from pipeline.data.sources.synthetic import write_synthetic_h5
 
     work = Path(args.workdir) / f"n{args.num}-s{args.size}"
     h5 = work / "galaxy10.h5"
@@ -81,7 +81,7 @@ def build_inputs(args: argparse.Namespace) -> dict[str, str]:
              "model_name": args.model, "img_size": args.img_size, "epoch": 0, "metrics": {}},
         )
     if args.backend == "onnx" and not onnx_path.is_file():
-        from pipeline.export import export_onnx
+        from pipeline.score.export import export_onnx
 
         export_onnx(ckpt, onnx_path)  # where predict looks first, so its timing holds no export
     return {"h5": str(h5), "folder": str(folder), "checkpoint": str(ckpt), "onnx": str(onnx_path), "work": str(work)}
@@ -100,8 +100,8 @@ def phase_loop(args: argparse.Namespace, paths: dict[str, str]) -> dict[str, Any
     import torch
     from PIL import Image
 
-    from pipeline.checkpoint import load_model
-    from pipeline.transforms import eval_transform
+    from pipeline.learn.checkpoint import load_model
+    from pipeline.data.transforms import eval_transform
 
     threads = _set_threads(args.loop_threads)
     model, cfg, payload = load_model(paths["checkpoint"])
@@ -125,10 +125,10 @@ def phase_model(args: argparse.Namespace, paths: dict[str, str]) -> dict[str, An
     import h5py
     import torch
 
-    from pipeline.checkpoint import load_model
-    from pipeline.predict import _Decoded, _OnnxEngine, _TorchEngine, inference_streams, score_stream
+    from pipeline.learn.checkpoint import load_model
+    from pipeline.catalog.predict import _Decoded, _OnnxEngine, _TorchEngine, inference_streams, score_stream
     from pipeline.runtime import compute_threads
-    from pipeline.transforms import eval_batch_transform
+    from pipeline.data.transforms import eval_batch_transform
 
     model, cfg, payload = load_model(paths["checkpoint"])
     threads = compute_threads(args.threads, args.workers)
@@ -158,7 +158,7 @@ def phase_model(args: argparse.Namespace, paths: dict[str, str]) -> dict[str, An
 
 def phase_predict(args: argparse.Namespace, paths: dict[str, str], which: str) -> dict[str, Any]:
     from pipeline.config import load_config
-    from pipeline.predict import predict
+    from pipeline.catalog.predict import predict
 
     out = Path(paths["work"]) / f"catalog-{which}-{os.getpid()}"
     cfg = load_config(

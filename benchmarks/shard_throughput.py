@@ -23,10 +23,10 @@ import h5py
 import numpy as np
 
 from pipeline.config import load_config
-from pipeline.prepare import DATASET_FILE, prepare
-from pipeline.shards import shard
-from pipeline.sources.synthetic import generate_arrays
-from pipeline.validate import validate
+from pipeline.data.prepare import DATASET_FILE, prepare
+from pipeline.data.shards import shard
+from pipeline.data.sources.synthetic import generate_arrays
+from pipeline.data.validate import validate
 
 
 def make_input(path: Path, n: int, size: int, seed: int = 0) -> None:

@@ -25,14 +25,14 @@ from timm.data import Mixup
 from timm.loss import SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
 
-from pipeline import train as T
-from pipeline.augment import normalize_batch, train_transform
+from pipeline.learn import train as T
+from pipeline.learn.augment import normalize_batch, train_transform
 from pipeline.config import Config, load_config
-from pipeline.prepare import write_prepared
+from pipeline.data.prepare import write_prepared
 from pipeline.runtime import compute_threads, cpu_name
-from pipeline.shards import load_manifest, shard_urls, write_shards
-from pipeline.sources.arrays import ArraySource
-from pipeline.sources.synthetic import generate_arrays
+from pipeline.data.shards import load_manifest, shard_urls, write_shards
+from pipeline.data.sources.arrays import ArraySource
+from pipeline.data.sources.synthetic import generate_arrays
 
 ROOT = Path(__file__).resolve().parents[1]
 

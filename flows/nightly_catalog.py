@@ -1,4 +1,4 @@
-"""Flow ``nightly-catalog``: ``pipeline.nightly.run_nightly`` with each step a Prefect task.
+"""Flow ``nightly-catalog``: ``pipeline.catalog.nightly.run_nightly`` with each step a Prefect task.
 
 The library does the work (``docs/orchestration.md``, "The nightly schedule"): scan the inbox, plan each
 new input, classify every pending chunk, finalize, record. The flow adds what Prefect gives: parameters as UI forms, one task per
@@ -22,7 +22,7 @@ from prefect.futures import PrefectFuture
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows import config_from_parameters
-from pipeline import nightly
+from pipeline.catalog import nightly
 from pipeline.config import PredictConfig, RegistryConfig, ScheduleConfig
 from pipeline.errors import AstroflowError
 from pipeline.layout import Layout
@@ -43,7 +43,7 @@ class NightlyIncomplete(AstroflowError):
 
 
 def submit_task(fn: Callable[..., Any], /, *args: Any, name: str) -> PrefectFuture[Any]:
-    """``pipeline.nightly.Submit`` for Prefect: the step as a task run named ``name``, on the flow's task runner."""
+    """``pipeline.catalog.nightly.Submit`` for Prefect: the step as a task run named ``name``, on the flow's task runner."""
     return TASKS[fn].with_options(task_run_name=name).submit(*args)
 
 

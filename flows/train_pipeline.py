@@ -4,7 +4,7 @@ Thin by design: each stage is one Prefect task around ``pipeline.orchestrate.run
 (the same stage function as ``astroflow <stage>`` and ``dvc repro``), keyed by the store's key, which
 covers the stage's config, code and upstream keys. A stage that ``dvc repro`` or the CLI already ran
 with the same key is adopted from the workspace by hard links, so nothing is recomputed or copied.
-Registration and promotion are ``pipeline.registry``'s, the same rule as ``astroflow registry promote``.
+Registration and promotion are ``pipeline.score.registry``'s, the same rule as ``astroflow registry promote``.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.context import TaskRunContext
 
 from flows import config_from_parameters
-from pipeline import registry as reg
+from pipeline.score import registry as reg
 from pipeline.config import (
     CalibrateConfig,
     Config,
@@ -33,12 +33,12 @@ from pipeline.config import (
     ValidateConfig,
 )
 from pipeline.errors import ValidationFailed
-from pipeline.evaluate import CONFUSION_PNG
+from pipeline.score.evaluate import CONFUSION_PNG
 from pipeline.layout import Layout
 from pipeline.orchestrate.graph import stored_stages
 from pipeline.orchestrate.runner import run_in_store
 from pipeline.orchestrate.store import StageDir, plan_keys
-from pipeline.train import BEST
+from pipeline.learn.train import BEST
 
 FLOW_NAME = "train-pipeline"
 SECTIONS = ("data", "validate", "split", "shard", "model", "train", "evaluate", "calibrate", "registry")

@@ -108,7 +108,7 @@ def cmd_predict(cfg: Config, layout: Layout, args: argparse.Namespace) -> dict[s
     """Without arguments: the DVC ``predict`` stage. With any: classify what they name into a catalog root."""
     if not any(getattr(args, k) is not None for k in ("input", "checkpoint", "calibration", "output")):
         return _run_stage("predict", cfg, layout, args)
-    from pipeline.predict import predict
+    from pipeline.catalog.predict import predict
 
     if args.input is not None:
         cfg.predict.input = str(Path(args.input).resolve())
@@ -137,7 +137,7 @@ def cmd_predict(cfg: Config, layout: Layout, args: argparse.Namespace) -> dict[s
 
 
 def cmd_export(cfg: Config, layout: Layout, args: argparse.Namespace) -> dict[str, Any]:
-    from pipeline.export import export_onnx
+    from pipeline.score.export import export_onnx
 
     checkpoint = layout.resolve(args.checkpoint) if args.checkpoint else layout.train / "best.pt"
     out = layout.resolve(args.output) if args.output else checkpoint.with_suffix(".onnx")
@@ -160,7 +160,7 @@ def cmd_models(cfg: Config, layout: Layout, args: argparse.Namespace) -> dict[st
 
 
 def cmd_download(cfg: Config, layout: Layout, args: argparse.Namespace) -> dict[str, Any]:
-    from pipeline.sources.galaxy10 import ensure_galaxy10
+    from pipeline.data.sources.galaxy10 import ensure_galaxy10
 
     path = ensure_galaxy10(cfg.data, layout, progress=not args.quiet)
     _say(f"Galaxy10 DECals verified at {path}")
@@ -176,7 +176,7 @@ def cmd_params(cfg: Config, layout: Layout, args: argparse.Namespace) -> dict[st
 
 def cmd_nightly(cfg: Config, layout: Layout, args: argparse.Namespace) -> dict[str, Any]:
     """The nightly catalog in this process, without a Prefect server: the same function the flow calls."""
-    from pipeline.nightly import run_nightly
+    from pipeline.catalog.nightly import run_nightly
 
     if args.inbox is not None:
         cfg.schedule.inbox = str(Path(args.inbox).resolve())
@@ -211,8 +211,8 @@ def cmd_dvc_yaml(cfg: Config, layout: Layout, args: argparse.Namespace) -> dict[
 
 
 def cmd_registry(cfg: Config, layout: Layout, args: argparse.Namespace) -> dict[str, Any]:
-    """The model registry under ``registry.root``; the rule and the files are ``pipeline.registry``'s."""
-    from pipeline import registry as reg
+    """The model registry under ``registry.root``; the rule and the files are ``pipeline.score.registry``'s."""
+    from pipeline.score import registry as reg
 
     root = layout.resolve(cfg.registry.root)
     if args.action == "list":

@@ -79,8 +79,8 @@ def install_production_model(registry_root: Path, *, seed: int = 0, img_size: in
     import torch
 
     from models.summary import create_model
-    from pipeline import registry as reg
-    from pipeline.checkpoint import model_id, save_checkpoint
+    from pipeline.score import registry as reg
+    from pipeline.learn.checkpoint import model_id, save_checkpoint
     from pipeline.config import GALAXY10_CLASS_NAMES, Config
 
     torch.manual_seed(seed)
@@ -157,9 +157,9 @@ def write_red_shards(root: Path, *extra: str, n: int = 100, seed: int = 0) -> Pa
 
     Galaxy ids are ``gal/<i>.x``, so two such sets of different ``seed`` share ids but not data.
     """
-    from pipeline.prepare import write_prepared
-    from pipeline.shards import write_shards
-    from pipeline.sources.arrays import ArraySource
+    from pipeline.data.prepare import write_prepared
+    from pipeline.data.shards import write_shards
+    from pipeline.data.sources.arrays import ArraySource
 
     cfg = eval_cfg(*extra)
     rng = np.random.default_rng(seed)
@@ -196,7 +196,7 @@ def nearest_red_mean(model: Any, sharpness: float) -> None:
     """
     import torch
 
-    from pipeline.transforms import IMAGENET_MEAN, IMAGENET_STD
+    from pipeline.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
     mean, std = IMAGENET_MEAN[0], IMAGENET_STD[0]
     centres = torch.tensor([((40 + RED_STEP * c) / 255 - mean) / std for c in range(model.fc.out_features)])
@@ -221,7 +221,7 @@ def make_checkpoint(
     import torch
 
     from models.summary import create_model
-    from pipeline.checkpoint import save_checkpoint
+    from pipeline.learn.checkpoint import save_checkpoint
 
     register_gap_model()
     cfg = eval_cfg(f"model.name={name}", f"model.img_size={img_size}", f"train.input_range={input_range}", *overrides)
@@ -284,8 +284,8 @@ def project(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def chunk_1_fails(monkeypatch: pytest.MonkeyPatch) -> None:
-    """``pipeline.predict.predict`` raises for chunk 1 of a fanned-out run, as if its worker were lost."""
-    from pipeline import predict as predict_mod
+    """``pipeline.catalog.predict.predict`` raises for chunk 1 of a fanned-out run, as if its worker were lost."""
+    from pipeline.catalog import predict as predict_mod
 
     real = predict_mod.predict
 

@@ -13,13 +13,13 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import distributed as D
+from pipeline.learn import distributed as D
 from pipeline.config import dump_params, load_config
 from pipeline.errors import ConfigError
-from pipeline.prepare import write_prepared
-from pipeline.shards import write_shards
-from pipeline.sources.arrays import ArraySource
-from pipeline.sources.synthetic import generate_arrays
+from pipeline.data.prepare import write_prepared
+from pipeline.data.shards import write_shards
+from pipeline.data.sources.arrays import ArraySource
+from pipeline.data.sources.synthetic import generate_arrays
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -59,7 +59,7 @@ DRIVER = textwrap.dedent(
     import os, sys
     from pathlib import Path
     from pipeline.config import load_config
-    from pipeline.train import train
+    from pipeline.learn.train import train
 
     params, shards, out = map(Path, sys.argv[1:4])
     summary = train(load_config(params), shards, out, progress=False)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.catalog import read_predictions
+from pipeline.catalog.parquet import read_predictions
 from tests.conftest import ran_stages as _ran
 from tests.conftest import run_ok as _run
 

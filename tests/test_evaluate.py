@@ -14,13 +14,13 @@ from conftest import GAP_MODEL, SHARD_SIZE, eval_cfg, make_checkpoint, nearest_r
 from PIL import Image
 from sklearn import metrics as skm
 
-from pipeline import metrics as M
-from pipeline.calibrate import calibrate
-from pipeline.checkpoint import save_checkpoint
+from pipeline.score import metrics as M
+from pipeline.score.calibrate import calibrate
+from pipeline.learn.checkpoint import save_checkpoint
 from pipeline.errors import CheckpointError, DataError
-from pipeline.evaluate import evaluate
-from pipeline.shards import iter_split, load_manifest
-from pipeline.transforms import eval_transform
+from pipeline.score.evaluate import evaluate
+from pipeline.data.shards import iter_split, load_manifest
+from pipeline.data.transforms import eval_transform
 
 register_gap_model()
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -118,7 +118,7 @@ def test_preprocessing_comes_from_the_checkpoint(
     red_shards: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Checkpoint trained at 16 px on [-1, 1] inputs; the evaluating config says 32 px and ImageNet statistics."""
-    import pipeline.evaluate as ev
+    import pipeline.score.evaluate as ev
 
     ckpt = make_checkpoint(tmp_path / "gap16.pt", GAP_MODEL, img_size=16, input_range="minus_one_one")
     cfg = eval_cfg("model.img_size=32", "train.input_range=imagenet", "evaluate.workers=2")
@@ -132,7 +132,7 @@ def test_preprocessing_comes_from_the_checkpoint(
     evaluate(cfg, red_shards, ckpt, tmp_path / "eval", progress=False)
     assert calls == [(16, "minus_one_one")]
 
-    from pipeline.checkpoint import load_model
+    from pipeline.learn.checkpoint import load_model
 
     model, _, _ = load_model(ckpt)
     transform = eval_transform(16, "minus_one_one")

@@ -11,12 +11,12 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from pipeline import catalog as C
-from pipeline.checkpoint import load_model, model_id
+from pipeline.catalog import parquet as C
+from pipeline.learn.checkpoint import load_model, model_id
 from pipeline.config import GALAXY10_CLASS_NAMES, load_config
 from pipeline.errors import CheckpointError
-from pipeline.export import INPUT_NAME, export_onnx, onnx_metadata
-from pipeline.predict import predict
+from pipeline.score.export import INPUT_NAME, export_onnx, onnx_metadata
+from pipeline.catalog.predict import predict
 from test_predict import one_thread  # noqa: F401  (the same autouse single-thread fixture)
 from test_predict import PROBS, SIZE, check_catalog, images, make_checkpoint, write_h5
 

@@ -22,8 +22,8 @@ import yaml
 from flows import config_from_parameters
 from flows.nightly_catalog import dask_task_runner, nightly_catalog
 from flows.train_pipeline import train_pipeline
-from pipeline import registry as reg
-from pipeline.catalog import read_predictions
+from pipeline.score import registry as reg
+from pipeline.catalog.parquet import read_predictions
 from pipeline.config import (
     ModelConfig,
     ScheduleConfig,
@@ -36,7 +36,7 @@ from pipeline.layout import Layout
 from pipeline.orchestrate.graph import stored_stages
 from pipeline.orchestrate.launch import TrainingFailed
 from pipeline.orchestrate.store import MARKER, StageDir, plan_keys
-from pipeline.nightly import LOCK_FILE, STATE_FILE, NightlyBusy, catalog_lock
+from pipeline.catalog.nightly import LOCK_FILE, STATE_FILE, NightlyBusy, catalog_lock
 from tests.conftest import install_production_model, make_galaxy10_h5
 
 TINY = {
@@ -145,7 +145,7 @@ def test_first_run_builds_every_stage_and_promotes(first_run: tuple[Any, dict[st
     assert result["promoted"] and result["decision"]["reason"].startswith("there is no production model yet")
     root = workdir / "registry"
     assert reg.production_id(root) == result["model_id"] == result["production_id"]
-    from pipeline.checkpoint import model_id
+    from pipeline.learn.checkpoint import model_id
 
     assert model_id(reg.production_checkpoint(root)) == result["model_id"]
     metrics, lineage = reg.read_record(reg.production_dir(root))

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline import image_files
-from pipeline.image_files import fast_jpeg_available, read_image_file, read_image_files
+from pipeline.data import image_files
+from pipeline.data.image_files import fast_jpeg_available, read_image_file, read_image_files
 
 
 def galaxy(seed: int, size: int = 64) -> np.ndarray:

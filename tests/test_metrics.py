@@ -7,7 +7,7 @@ import pytest
 import torch
 from sklearn import metrics as skm
 
-from pipeline import metrics as M
+from pipeline.score import metrics as M
 
 
 def _random_case(seed: int, n: int = 500, c: int = 7) -> tuple[np.ndarray, np.ndarray]:

@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 import yaml
 
-from pipeline import nightly
-from pipeline.catalog import read_predictions
+from pipeline.catalog import nightly
+from pipeline.catalog.parquet import read_predictions
 from pipeline.cli import main
 from pipeline.config import load_config
 from pipeline.layout import Layout

@@ -95,7 +95,7 @@ def test_dvc_registry_nightly_and_retrain_share_one_pipeline(project: Path) -> N
 
 def test_editing_stage_code_shows_in_dvc_status(project: Path) -> None:
     _run(["dvc", "repro", "shard"], project)
-    with open(project / "pipeline" / "shards.py", "a") as fh:
+    with open(project / "pipeline" / "data" / "shards.py", "a") as fh:
         fh.write("\n# an edit\n")
     status = _status(project)
-    assert "shard:" in status and "pipeline/shards.py" in status and "prepare:" not in status
+    assert "shard:" in status and "pipeline/data/shards.py" in status and "prepare:" not in status

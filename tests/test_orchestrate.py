@@ -37,13 +37,13 @@ def test_every_stage_has_a_directory_a_function_and_known_upstream() -> None:
 
 
 def test_train_closure_holds_every_module_it_imports_and_nothing_outside() -> None:
-    files = closure_files("pipeline.train")
-    for needed in ("pipeline/transforms.py", "pipeline/shards.py", "pipeline/checkpoint.py", "pipeline/config.py",
-                   "models/summary.py", "models/astroformer.py", "pipeline/train.py", "pipeline/__init__.py"):
+    files = closure_files("pipeline.learn.train")
+    for needed in ("pipeline/data/transforms.py", "pipeline/data/shards.py", "pipeline/learn/checkpoint.py", "pipeline/config.py",
+                   "models/summary.py", "models/astroformer.py", "pipeline/learn/train.py", "pipeline/__init__.py"):
         assert needed in files, needed
     assert "pipeline/cli.py" not in files and not [f for f in files if f.startswith("flows/")]
     # calibrate imports evaluate inside a function: it counts
-    assert "pipeline.evaluate" in closure("pipeline.calibrate")
+    assert "pipeline.score.evaluate" in closure("pipeline.score.calibrate")
 
 
 def test_an_import_inside_a_function_joins_the_closure(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -55,14 +55,14 @@ def test_an_import_inside_a_function_joins_the_closure(tmp_path: Path, monkeypat
     monkeypatch.setattr(imports, "ROOT", tmp_path)
     imports.closure.cache_clear()
     try:
-        before = imports.closure_files("pipeline.prepare")
-        digest = imports.code_digest("pipeline.prepare")
-        assert "pipeline/metrics.py" not in before
-        with open(pkg / "prepare.py", "a") as fh:
-            fh.write("\n\ndef _late() -> None:\n    from pipeline import metrics  # noqa: F401\n")
+        before = imports.closure_files("pipeline.data.prepare")
+        digest = imports.code_digest("pipeline.data.prepare")
+        assert "pipeline/score/metrics.py" not in before
+        with open(pkg / "data" / "prepare.py", "a") as fh:
+            fh.write("\n\ndef _late() -> None:\n    from pipeline.score import metrics  # noqa: F401\n")
         imports.closure.cache_clear()
-        assert "pipeline/metrics.py" in imports.closure_files("pipeline.prepare")
-        assert imports.code_digest("pipeline.prepare") != digest
+        assert "pipeline/score/metrics.py" in imports.closure_files("pipeline.data.prepare")
+        assert imports.code_digest("pipeline.data.prepare") != digest
     finally:
         imports.closure.cache_clear()
 
@@ -103,7 +103,7 @@ def test_editing_a_stage_module_changes_its_key_and_downstream(tmp_path: Path, m
     real = imports.code_digest
 
     def edited(module: str) -> str:
-        return real(module) + ("-edited" if "pipeline.calibrate" in closure(module) else "")
+        return real(module) + ("-edited" if "pipeline.score.calibrate" in closure(module) else "")
 
     monkeypatch.setattr(store, "code_digest", edited)
     after = store.plan_keys(cfg, layout)
@@ -200,9 +200,9 @@ def test_committed_dvc_yaml_is_what_the_graph_generates() -> None:
     assert dvcfile.check(ROOT / "dvc.yaml") == [], "run `astroflow dvc-yaml` and commit dvc.yaml"
     doc = yaml.safe_load((ROOT / "dvc.yaml").read_text())
     assert list(doc["stages"]) == [s.name for s in STAGES]
-    assert set(closure_files("pipeline.train")) <= set(doc["stages"]["train"]["deps"])
+    assert set(closure_files("pipeline.learn.train")) <= set(doc["stages"]["train"]["deps"])
     assert "data/train/best.pt" in doc["stages"]["calibrate"]["deps"]
-    assert "pipeline/evaluate.py" in doc["stages"]["calibrate"]["deps"]
+    assert "pipeline/score/evaluate.py" in doc["stages"]["calibrate"]["deps"]
 
 
 def _copy_project(dest: Path) -> Path:
@@ -224,13 +224,13 @@ def test_dvc_yaml_check_fails_after_a_stage_gains_an_import(tmp_path: Path) -> N
 
     ok = cli("--check")
     assert ok.returncode == 0, ok.stderr
-    with open(repo / "pipeline" / "validate.py", "a") as fh:
-        fh.write("\n\ndef _extra() -> None:\n    from pipeline import metrics  # noqa: F401\n")
+    with open(repo / "pipeline" / "data" / "validate.py", "a") as fh:
+        fh.write("\n\ndef _extra() -> None:\n    from pipeline.score import metrics  # noqa: F401\n")
     stale = cli("--check")
     assert stale.returncode == 1 and "validate" in stale.stderr and "astroflow dvc-yaml" in stale.stderr
     assert cli().returncode == 0
     deps = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]["validate"]["deps"]
-    assert "pipeline/metrics.py" in deps
+    assert "pipeline/score/metrics.py" in deps
     assert cli("--check").returncode == 0
 
 
@@ -242,7 +242,7 @@ def test_torchrun_command_and_log_tail(tmp_path: Path, monkeypatch: pytest.Monke
     cmd = torchrun_command(cfg, tmp_path / "p.yaml", tmp_path / "shards", tmp_path / "out", run_id="abc", resume=True)
     assert cmd[1:3] == ["-m", "torch.distributed.run"]
     assert "--nproc-per-node=4" in cmd and "--standalone" in cmd and cmd[-1] == "--resume"
-    assert cmd[cmd.index("-m", 3) + 1] == "pipeline.train"
+    assert cmd[cmd.index("-m", 3) + 1] == "pipeline.learn.train"
     multi = load_config(None, ["train.nnodes=2"])
     monkeypatch.delenv("ASTROFLOW_RDZV_ENDPOINT", raising=False)
     with pytest.raises(ConfigError, match="ASTROFLOW_RDZV_ENDPOINT"):

@@ -23,16 +23,16 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline import catalog as C
-from pipeline.checkpoint import load_model, model_id, save_checkpoint
+from pipeline.catalog import parquet as C
+from pipeline.learn.checkpoint import load_model, model_id, save_checkpoint
 from pipeline.config import GALAXY10_CLASS_NAMES, Config, load_config
 from pipeline.errors import CheckpointError, DataError
-from pipeline.inputs import iter_chunks, open_input, plan_chunks
-from pipeline.predict import finalize_run, main, plan_run, predict
-from pipeline.prepare import write_prepared
-from pipeline.shards import write_shards
-from pipeline.sources.arrays import ArraySource
-from pipeline.transforms import eval_batch_transform, eval_transform, normalization
+from pipeline.catalog.inputs import iter_chunks, open_input, plan_chunks
+from pipeline.catalog.predict import finalize_run, main, plan_run, predict
+from pipeline.data.prepare import write_prepared
+from pipeline.data.shards import write_shards
+from pipeline.data.sources.arrays import ArraySource
+from pipeline.data.transforms import eval_batch_transform, eval_transform, normalization
 
 MODEL, SIZE = "astroformer_pico", 32
 REPO = Path(__file__).resolve().parents[1]
@@ -246,7 +246,7 @@ def test_kill_and_restart_gives_every_id_once(tmp_path: Path, ckpt: Path) -> Non
     src = write_h5(tmp_path / "in.h5", images(n, seed=6), ids=[f"k{i}" for i in range(n)])
     out = tmp_path / "cat"
     sets = ["predict.device=cpu", "predict.workers=1", "predict.threads=1", "predict.batch_size=8", f"predict.chunk_size={chunk}"]
-    args = [sys.executable, "-m", "pipeline.predict", "--checkpoint", str(ckpt), "--input", str(src), "--output", str(out), "-q"]
+    args = [sys.executable, "-m", "pipeline.catalog.predict", "--checkpoint", str(ckpt), "--input", str(src), "--output", str(out), "-q"]
     args += [a for s in sets for a in ("--set", s)]
     proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 90
@@ -401,7 +401,7 @@ def test_worker_processes_of_one_run_commit_disjoint_chunks_concurrently(tmp_pat
     sets = ["predict.device=cpu", "predict.workers=0", "predict.threads=1", "predict.batch_size=8", "predict.chunk_size=16"]
     script = tmp_path / "worker.py"
     script.write_text(
-        "import sys\nfrom pathlib import Path\nfrom pipeline.config import load_config\nfrom pipeline.predict import predict\n"
+        "import sys\nfrom pathlib import Path\nfrom pipeline.config import load_config\nfrom pipeline.catalog.predict import predict\n"
         "ckpt, src, out, chunks, *sets = sys.argv[1:]\n"
         "predict(load_config(None, sets), Path(ckpt), Path(src), Path(out), chunks=[int(c) for c in chunks.split(',')], progress=False)\n"
     )

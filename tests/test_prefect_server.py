@@ -24,9 +24,9 @@ import httpx
 import pytest
 import yaml
 
-from pipeline import registry as reg
-from pipeline.catalog import read_predictions
-from pipeline.checkpoint import model_id
+from pipeline.score import registry as reg
+from pipeline.catalog.parquet import read_predictions
+from pipeline.learn.checkpoint import model_id
 from tests.conftest import make_galaxy10_h5
 
 pytestmark = pytest.mark.slow

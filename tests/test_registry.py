@@ -20,13 +20,13 @@ import torch
 from conftest import EVAL_OVERRIDES, GAP_MODEL, SHARD_SIZE, eval_cfg, make_checkpoint, nearest_red_mean, register_gap_model, write_red_shards
 from sklearn import metrics as skm
 
-from pipeline import registry as reg
-from pipeline.calibrate import calibrate
-from pipeline.checkpoint import model_id
+from pipeline.score import registry as reg
+from pipeline.score.calibrate import calibrate
+from pipeline.learn.checkpoint import model_id
 from pipeline.cli import main
-from pipeline.evaluate import evaluate
+from pipeline.score.evaluate import evaluate
 from pipeline.io import read_json
-from pipeline.shards import SPLIT_TABLE, load_manifest
+from pipeline.data.shards import SPLIT_TABLE, load_manifest
 
 register_gap_model()
 pytestmark = pytest.mark.usefixtures("one_thread")

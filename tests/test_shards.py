@@ -11,12 +11,12 @@ import pytest
 import torch
 
 from conftest import make_galaxy10_h5
-from pipeline import shards as shards_mod
+from pipeline.data import shards as shards_mod
 from pipeline.config import load_config
 from pipeline.errors import DataError
 from pipeline.io import sha256_file
-from pipeline.prepare import DATASET_FILE, prepare
-from pipeline.shards import iter_split, load_manifest, make_dataset, shard_urls, stratified_split, write_shards
+from pipeline.data.prepare import DATASET_FILE, prepare
+from pipeline.data.shards import iter_split, load_manifest, make_dataset, shard_urls, stratified_split, write_shards
 
 
 @pytest.mark.parametrize("seed", [0, 1, 7])

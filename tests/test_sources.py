@@ -18,8 +18,8 @@ from conftest import make_galaxy10_h5
 from pipeline.config import load_config
 from pipeline.errors import DataError
 from pipeline.layout import Layout
-from pipeline.prepare import DATASET_FILE, PreparedDataset, prepare
-from pipeline.sources.galaxy10 import download, ensure_galaxy10
+from pipeline.data.prepare import DATASET_FILE, PreparedDataset, prepare
+from pipeline.data.sources.galaxy10 import download, ensure_galaxy10
 
 
 def _prepare_h5(path: Path, out: Path, *extra: str):

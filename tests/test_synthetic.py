@@ -11,8 +11,8 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.sources import synthetic
-from pipeline.sources.synthetic import (
+from pipeline.data.sources import synthetic
+from pipeline.data.sources.synthetic import (
     CLASS_NAMES,
     GALAXY10_COUNTS,
     draw_labels,

@@ -23,16 +23,16 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline import train as T
-from pipeline.augment import TrainTransform, d4_transform, inscribed_side, normalize_batch, rotate_crop
-from pipeline.checkpoint import FORMAT, load_checkpoint, load_model, save_checkpoint
+from pipeline.learn import train as T
+from pipeline.learn.augment import TrainTransform, d4_transform, inscribed_side, normalize_batch, rotate_crop
+from pipeline.learn.checkpoint import FORMAT, load_checkpoint, load_model, save_checkpoint
 from pipeline.config import Config, TrainConfig, dump_params, load_config
 from pipeline.errors import CheckpointError, ConfigError
-from pipeline.prepare import write_prepared
-from pipeline.shards import iter_split, load_manifest, write_shards
-from pipeline.sources.arrays import ArraySource
-from pipeline.sources.synthetic import CLASS_NAMES, generate_arrays
-from pipeline.transforms import eval_transform
+from pipeline.data.prepare import write_prepared
+from pipeline.data.shards import iter_split, load_manifest, write_shards
+from pipeline.data.sources.arrays import ArraySource
+from pipeline.data.sources.synthetic import CLASS_NAMES, generate_arrays
+from pipeline.data.transforms import eval_transform
 
 ROOT = Path(__file__).resolve().parents[1]
 KEEP = (1, 2, 7, 9)  # Merging, Round Smooth, Unbarred Loose Spiral, Edge-on with Bulge: distinct at 32 px
@@ -159,7 +159,7 @@ def test_resume_after_sigkill_mid_epoch_is_exact(shards: Path, reference_run: Pa
     params = tmp_path / "params.yaml"
     dump_params(cfg, params)
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "pipeline.train", "--params", str(params), "--shards", str(shards), "--out", str(out)]
+    cmd = [sys.executable, "-m", "pipeline.learn.train", "--params", str(params), "--shards", str(shards), "--out", str(out)]
     env = {k: v for k, v in os.environ.items() if k != "TQDM_DISABLE"}  # the progress bar says where training is
     log = tmp_path / "stderr.txt"
     # a bar line of epoch 2 or 3 with some but not all of its 6 steps done: the run is inside an epoch

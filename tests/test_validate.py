@@ -12,12 +12,12 @@ import h5py
 import numpy as np
 import pytest
 
-from pipeline import validate as validate_module
+from pipeline.data import validate as validate_module
 from pipeline.config import Config, config_from_dict
 from pipeline.errors import DataError, ValidationFailed
-from pipeline.prepare import PreparedDataset, write_prepared
-from pipeline.sources.arrays import ArraySource
-from pipeline.validate import REPORT_FILE, SUMMARY_FILE, Check, ChunkFingerprint, DuplicateFinder, validate
+from pipeline.data.prepare import PreparedDataset, write_prepared
+from pipeline.data.sources.arrays import ArraySource
+from pipeline.data.validate import REPORT_FILE, SUMMARY_FILE, Check, ChunkFingerprint, DuplicateFinder, validate
 
 N = 60
 SIZE = 16

@@ -67,12 +67,12 @@ class Stage:
 
 STAGES: tuple[Stage, ...] = (
     Stage(
-        "prepare", "read the configured source into data/prepared/dataset.h5", "pipeline.prepare", params=("data",)
+        "prepare", "read the configured source into data/prepared/dataset.h5", "pipeline.data.prepare", params=("data",)
     ),
     Stage(
         "validate",
         "check the prepared data with great-expectations",
-        "pipeline.validate",
+        "pipeline.data.validate",
         params=("validate", "data.class_names"),
         upstream={"prepare": ()},
         outs=(Out("summary.md", cache=False),),
@@ -81,14 +81,14 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         "shard",
         "stratified split and WebDataset shards in data/shards",
-        "pipeline.shards",
+        "pipeline.data.shards",
         params=("split", "shard"),
         upstream={"prepare": (), "validate": ("report.json",)},
     ),
     Stage(
         "train",
         "train the configured model on the shards",
-        "pipeline.train",
+        "pipeline.learn.train",
         params=("model", "train"),
         upstream={"shard": ()},
         outs=(Out("best.pt"), Out("last.pt"), Out("history.csv", cache=False)),
@@ -102,14 +102,14 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         "calibrate",
         "fit a softmax temperature on the validation split",
-        "pipeline.calibrate",
+        "pipeline.score.calibrate",
         params=("calibrate", "evaluate.tta", "evaluate.batch_size"),
         upstream={"shard": (), "train": ("best.pt",)},
     ),
     Stage(
         "evaluate",
         "test-split metrics, confusion matrix and report",
-        "pipeline.evaluate",
+        "pipeline.score.evaluate",
         params=("evaluate", "calibrate.bins"),
         upstream={"shard": (), "train": ("best.pt",), "calibrate": ()},
         metrics=("/metrics/eval.json",),
@@ -119,7 +119,7 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         "predict",
         "classify the test split (or predict.input) into the DVC-tracked catalog data/catalog",
-        "pipeline.predict",
+        "pipeline.catalog.predict",
         params=("predict",),
         upstream={"shard": (), "train": ("best.pt",), "calibrate": ()},
         outs=(Out(cache=False, persist=True),),

@@ -3,7 +3,7 @@
 A stage's key hashes the config keys it reads (``graph.Stage.params``), the code it runs (the import
 closure of its module), the keys of its upstream stages and, for file sources, the source's identity.
 So a key names the stage's whole history: changing ``train.lr`` changes train, calibrate and evaluate,
-editing ``pipeline/shards.py`` changes shard and everything after it.
+editing ``pipeline/data/shards.py`` changes shard and everything after it.
 
 Two kinds of directory carry a completion record with the key:
 

@@ -61,8 +61,8 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm.auto import tqdm
 
-from pipeline.augment import normalize_batch, train_transform
-from pipeline.checkpoint import (
+from pipeline.learn.augment import normalize_batch, train_transform
+from pipeline.learn.checkpoint import (
     check_compatible,
     load_checkpoint,
     rng_state,
@@ -70,7 +70,7 @@ from pipeline.checkpoint import (
     set_rng_state,
 )
 from pipeline.config import Config, load_config
-from pipeline.distributed import (
+from pipeline.learn.distributed import (
     DistInfo,
     all_reduce_sum,
     broadcast_flag,
@@ -83,8 +83,8 @@ from pipeline.errors import AstroflowError, CheckpointError, ConfigError, DataEr
 from pipeline.io import atomic_write_json, atomic_write_text
 from pipeline.layout import StageRun
 from pipeline.runtime import compute_threads
-from pipeline.shards import decode_image, load_manifest, shard_urls
-from pipeline.transforms import eval_transform
+from pipeline.data.shards import decode_image, load_manifest, shard_urls
+from pipeline.data.transforms import eval_transform
 
 log = logging.getLogger(__name__)
 
@@ -296,7 +296,7 @@ def confusion_matrix(labels: torch.Tensor, preds: torch.Tensor, num_classes: int
 
 
 def top1_macro_f1(cm: torch.Tensor) -> tuple[float, float]:
-    """Top-1 accuracy and macro F1 over the classes present as a label or a prediction (as ``pipeline.metrics``)."""
+    """Top-1 accuracy and macro F1 over the classes present as a label or a prediction (as ``pipeline.score.metrics``)."""
     cm = cm.to(torch.float64)
     total = cm.sum()
     if total == 0:
@@ -818,8 +818,8 @@ def summary_line(summary: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m pipeline.train`` (what torchrun launches on every rank)."""
-    parser = argparse.ArgumentParser(prog="python -m pipeline.train", description=__doc__.splitlines()[0])
+    """``python -m pipeline.learn.train`` (what torchrun launches on every rank)."""
+    parser = argparse.ArgumentParser(prog="python -m pipeline.learn.train", description=__doc__.splitlines()[0])
     parser.add_argument("--params", type=Path, default=None, help="params.yaml (default: built-in defaults)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     parser.add_argument("--shards", type=Path, required=True)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pipeline import metrics as M
+from pipeline.score import metrics as M
 from pipeline.config import Config
 from pipeline.io import atomic_write_json
 from pipeline.layout import StageRun
@@ -23,8 +23,8 @@ def calibrate(cfg: Config, shards_dir: Path, checkpoint: Path, out_path: Path, *
 
     Disabled calibration still scores ``val`` so the file keeps one schema and reports the raw ECE.
     """
-    from pipeline.checkpoint import model_id
-    from pipeline.evaluate import load_and_predict
+    from pipeline.learn.checkpoint import model_id
+    from pipeline.score.evaluate import load_and_predict
 
     result: dict[str, Any] = {
         "enabled": cfg.calibrate.enabled,
@@ -55,7 +55,7 @@ def calibrate(cfg: Config, shards_dir: Path, checkpoint: Path, out_path: Path, *
 
 def run_stage(run: StageRun) -> dict[str, Any]:
     """The ``calibrate`` stage: the temperature of ``train``'s best checkpoint on ``shard``'s val split."""
-    from pipeline.train import BEST
+    from pipeline.learn.train import BEST
 
     return calibrate(run.cfg, run.inputs["shard"], run.inputs["train"] / BEST, run.out / CALIBRATION_FILE, progress=run.progress)
 

@@ -9,8 +9,8 @@ import numpy as np
 
 from pipeline.config import DataConfig
 from pipeline.errors import ConfigError
-from pipeline.sources.base import RecordBatch
-from pipeline.sources.synthetic import generate_arrays
+from pipeline.data.sources.base import RecordBatch
+from pipeline.data.sources.synthetic import generate_arrays
 
 
 class SyntheticSource:

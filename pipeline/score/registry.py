@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import metrics as M
+from pipeline.score import metrics as M
 from pipeline.config import Config, RegistryConfig
 from pipeline.errors import AstroflowError
 from pipeline.io import atomic_dir, read_json
@@ -42,7 +42,7 @@ CANDIDATES = "candidates"
 PRODUCTION = "production"
 HISTORY = "history.jsonl"
 MODEL_FILE = "model.pt"
-CALIBRATION_FILE = "calibration.json"  # the name ``pipeline.predict`` looks for beside a checkpoint
+CALIBRATION_FILE = "calibration.json"  # the name ``pipeline.catalog.predict`` looks for beside a checkpoint
 METRICS_FILE = "metrics.json"
 LINEAGE_FILE = "lineage.json"
 SPLIT_FILE = "split.parquet"
@@ -102,7 +102,7 @@ def finite(value: Any) -> float | None:
 def majority_baseline(class_counts: Sequence[int], metric: str) -> float:
     """``metric`` of always predicting the most frequent class: the score of a model that learned nothing.
 
-    Built as that classifier's confusion matrix and scored by ``pipeline.metrics``, so it is exactly
+    Built as that classifier's confusion matrix and scored by ``pipeline.score.metrics``, so it is exactly
     what evaluate would report (top1 = p, balanced accuracy = 1/K, macro-F1 = 2p/(1+p)/K).
     """
     counts = np.asarray(class_counts, dtype=np.int64)
@@ -217,8 +217,8 @@ def register_model(
     Registering the same model again changes nothing, so a re-run flow or a repeated CLI call is harmless.
     The evaluation and calibration must be of this very checkpoint: a stale workspace is refused.
     """
-    from pipeline.checkpoint import load_checkpoint
-    from pipeline.checkpoint import model_id as checkpoint_id
+    from pipeline.learn.checkpoint import load_checkpoint
+    from pipeline.learn.checkpoint import model_id as checkpoint_id
 
     root, checkpoint, eval_dir, shards_dir = Path(root), Path(checkpoint), Path(eval_dir), Path(shards_dir)
     if not checkpoint.is_file():
@@ -264,7 +264,7 @@ def _calibration(path: Path, mid: str) -> Path:
 
 
 def _split_table(shards_dir: Path) -> Path:
-    from pipeline.shards import SPLIT_TABLE
+    from pipeline.data.shards import SPLIT_TABLE
 
     path = shards_dir / SPLIT_TABLE
     if not path.is_file():
@@ -282,7 +282,7 @@ def _lineage(
     flow_run_id: str | None,
 ) -> dict[str, Any]:
     """What made the model and what it was tested on: enough to re-score it or to retrain it."""
-    from pipeline.shards import load_manifest
+    from pipeline.data.shards import load_manifest
 
     manifest = load_manifest(shards_dir)
     names = list(payload["class_names"])
@@ -518,8 +518,8 @@ def _split_ids(table: Path, split: str) -> set[str]:
 
 def _rescore(cfg: Config, cand_dir: Path, prod_dir: Path, shards_dir: Path) -> _Scores:
     """Both models on the candidate's test split minus production's training galaxies, scored alike."""
-    from pipeline.evaluate import load_and_predict
-    from pipeline.shards import load_manifest
+    from pipeline.score.evaluate import load_and_predict
+    from pipeline.data.shards import load_manifest
 
     data_hash = read_record(cand_dir)[1]["data_hash"]
     test_ids = _split_ids(cand_dir / SPLIT_FILE, "test")

@@ -35,7 +35,7 @@ class RecordBatch:
 
 
 class Source(Protocol):
-    """One module per input kind under ``pipeline/sources/`` implements this."""
+    """One module per input kind under ``pipeline/data/sources/`` implements this."""
 
     def __len__(self) -> int: ...
 

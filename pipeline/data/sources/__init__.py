@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline.config import DataConfig
-from pipeline.sources.base import RecordBatch, Source
+from pipeline.data.sources.base import RecordBatch, Source
 
 __all__ = ["RecordBatch", "Source", "open_source"]
 
@@ -16,21 +16,21 @@ def open_source(data: DataConfig, *, workdir: Path = Path("."), progress: bool =
 
     layout = Layout(Path(workdir))
     if data.source == "synthetic":
-        from pipeline.sources.synthetic_source import SyntheticSource
+        from pipeline.data.sources.synthetic_source import SyntheticSource
 
         return SyntheticSource(data)
     if data.source == "h5":
-        from pipeline.sources.h5 import H5Source
+        from pipeline.data.sources.h5 import H5Source
 
         return H5Source(layout.resolve(data.path), class_names=data.class_names)
     if data.source == "galaxy10":
-        from pipeline.sources.galaxy10 import ensure_galaxy10
-        from pipeline.sources.h5 import H5Source
+        from pipeline.data.sources.galaxy10 import ensure_galaxy10
+        from pipeline.data.sources.h5 import H5Source
 
         path = ensure_galaxy10(data, layout, progress=progress)
         return H5Source(path, class_names=data.class_names)
     if data.source == "folder":
-        from pipeline.sources.folder import FolderSource
+        from pipeline.data.sources.folder import FolderSource
 
         return FolderSource(layout.resolve(data.path), data.folder, class_names=data.class_names)
     raise ValueError(f"unknown data.source {data.source!r}")

@@ -3,7 +3,7 @@
 Each top-level entry of ``schedule.inbox`` (a Galaxy10-schema HDF5 file, a shard directory or
 ``.tar``, a folder of cutouts, a Zoobot CSV/Parquet catalog) is one input, identified by its name,
 size and mtime (for a directory: every file's). Inputs whose identity is not yet in
-``<schedule.catalog>/inbox_state.json`` are new. Each new input is planned (``pipeline.predict.plan_run``:
+``<schedule.catalog>/inbox_state.json`` are new. Each new input is planned (``pipeline.catalog.predict.plan_run``:
 its run and chunks, no model run), then every chunk not yet committed is submitted on its own
 (``predict(..., chunks=[i])``), so an executor that spreads work (Prefect on Dask) spreads even one
 large input; when all of an input's chunks succeeded, ``finalize_run`` writes its run summary and the
@@ -29,11 +29,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
-from pipeline import predict as predict_stage
-from pipeline import registry as reg
+from pipeline.catalog import predict as predict_stage
+from pipeline.score import registry as reg
 from pipeline.config import Config, stable_hash
 from pipeline.errors import AstroflowError, DataError
-from pipeline.inputs import detect_kind
+from pipeline.catalog.inputs import detect_kind
 from pipeline.io import atomic_write_json, read_json
 from pipeline.layout import Layout
 
@@ -226,7 +226,7 @@ def plan_input(job: Job, entry: InboxEntry) -> predict_stage.RunPlan:
 
 
 def classify_chunk(job: Job, entry: InboxEntry, chunk: int) -> dict[str, Any]:
-    """``pipeline.predict`` on one chunk of one input; a chunk already committed (a retry, a race) writes nothing."""
+    """``pipeline.catalog.predict`` on one chunk of one input; a chunk already committed (a retry, a race) writes nothing."""
     cfg = job.cfg
     if cfg.predict.workers and multiprocessing.current_process().daemon:
         log.info("running in a daemonic process (a Dask worker), which may not start DataLoader workers: predict.workers=0")
@@ -327,7 +327,7 @@ def _complete_input(job: Job, fanout: _Fanout, submit: Submit, ledger: _Ledger) 
 
 def catalog_rows(catalog_root: Path) -> int:
     """Rows in the catalog's predictions table (0 before the first run)."""
-    from pipeline.catalog import PREDICTIONS, predictions_dataset
+    from pipeline.catalog.parquet import PREDICTIONS, predictions_dataset
 
     if not (catalog_root / PREDICTIONS).is_dir():
         return 0

@@ -6,10 +6,10 @@ central square that the rotated image still covers, so no empty (fill-coloured) 
 
 Every random draw comes from Python's ``random`` module, the generator timm's RandAugment and
 ``RandomResizedCropAndInterpolation`` already use, so seeding it (and numpy's, which RandAugment also uses)
-at the start of an epoch makes the whole augmentation stream reproducible (see ``pipeline.train``).
+at the start of an epoch makes the whole augmentation stream reproducible (see ``pipeline.learn.train``).
 
 The transform returns HWC uint8 at ``img_size``; normalisation happens batched on the device
-(:func:`normalize_batch`), with the same arithmetic as :func:`pipeline.transforms.eval_transform`.
+(:func:`normalize_batch`), with the same arithmetic as :func:`pipeline.data.transforms.eval_transform`.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from timm.data.auto_augment import rand_augment_transform
 from timm.data.transforms import RandomResizedCropAndInterpolation
 
 from pipeline.config import TrainConfig
-from pipeline.transforms import normalization, normalize_
+from pipeline.data.transforms import normalization, normalize_
 
 CROP_SCALE = (0.8, 1.0)
 CROP_RATIO = (3 / 4, 4 / 3)

@@ -29,7 +29,7 @@ def export_onnx(checkpoint: str | Path, out_path: str | Path, *, opset: int | No
     import onnx
     import onnxruntime as ort
 
-    from pipeline.checkpoint import load_model, model_id
+    from pipeline.learn.checkpoint import load_model, model_id
 
     checkpoint, out_path = Path(checkpoint), Path(out_path)
     model, model_cfg, payload = load_model(checkpoint)

@@ -26,8 +26,8 @@ from pipeline.config import Config, DataConfig
 from pipeline.layout import StageRun
 from pipeline.errors import DataError
 from pipeline.io import atomic_path
-from pipeline.sources import open_source
-from pipeline.sources.base import OPTIONAL_FLOAT_FIELDS, RecordBatch, Source
+from pipeline.data.sources import open_source
+from pipeline.data.sources.base import OPTIONAL_FLOAT_FIELDS, RecordBatch, Source
 
 DATASET_FILE = "dataset.h5"
 FORMAT_VERSION = 1

@@ -17,7 +17,7 @@ from PIL import Image, UnidentifiedImageError
 
 from pipeline.config import FolderConfig
 from pipeline.errors import DataError
-from pipeline.sources.base import RecordBatch
+from pipeline.data.sources.base import RecordBatch
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
 

@@ -33,7 +33,7 @@ from pipeline.config import Config
 from pipeline.errors import ConfigError, DataError, ValidationFailed
 from pipeline.io import atomic_write_json, atomic_write_text
 from pipeline.layout import StageRun
-from pipeline.prepare import PreparedDataset
+from pipeline.data.prepare import PreparedDataset
 
 REPORT_FILE = "report.json"
 SUMMARY_FILE = "summary.md"
@@ -535,7 +535,7 @@ def validate(cfg: Config, prepared_path: Path, out_dir: Path, *, progress: bool 
 
 def run_stage(run: StageRun) -> dict[str, Any]:
     """The ``validate`` stage: check ``prepare``'s dataset; the summary keeps the report's headline fields."""
-    from pipeline.prepare import DATASET_FILE
+    from pipeline.data.prepare import DATASET_FILE
 
     report = validate(run.cfg, run.inputs["prepare"] / DATASET_FILE, run.out, progress=run.progress)
     return {k: report[k] for k in ("success", "num_rows", "data_hash", "class_counts", "duplicate_images")}

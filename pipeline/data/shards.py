@@ -28,8 +28,8 @@ from pipeline.config import Config, ShardConfig
 from pipeline.layout import StageRun
 from pipeline.errors import DataError
 from pipeline.io import atomic_dir, atomic_write_json, read_json, sha256_file
-from pipeline.prepare import PreparedDataset
-from pipeline.sources.base import OPTIONAL_FLOAT_FIELDS, RecordBatch
+from pipeline.data.prepare import PreparedDataset
+from pipeline.data.sources.base import OPTIONAL_FLOAT_FIELDS, RecordBatch
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 MANIFEST = "manifest.json"
@@ -366,8 +366,8 @@ def iter_split(shards_dir: Path, split: str) -> Iterator[tuple[np.ndarray, int, 
 
 def run_stage(run: StageRun) -> dict[str, Any]:
     """The ``shard`` stage: split and shard ``prepare``'s dataset, once ``validate`` has passed on it."""
-    from pipeline.prepare import DATASET_FILE
-    from pipeline.validate import REPORT_FILE
+    from pipeline.data.prepare import DATASET_FILE
+    from pipeline.data.validate import REPORT_FILE
 
     report = run.inputs["validate"] / REPORT_FILE
     manifest = shard(run.cfg, run.inputs["prepare"] / DATASET_FILE, run.out, validation_report=report, progress=run.progress)

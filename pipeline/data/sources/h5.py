@@ -10,7 +10,7 @@ import h5py
 import numpy as np
 
 from pipeline.errors import DataError
-from pipeline.sources.base import OPTIONAL_FLOAT_FIELDS, RecordBatch
+from pipeline.data.sources.base import OPTIONAL_FLOAT_FIELDS, RecordBatch
 
 REQUIRED = ("images", "ans")
 

@@ -40,7 +40,7 @@ import pyarrow.parquet as pq
 
 from pipeline.config import stable_hash
 from pipeline.errors import DataError
-from pipeline.image_files import read_image_files
+from pipeline.data.image_files import read_image_files
 
 InputKind = Literal["h5", "shards", "folder", "zoobot"]
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -424,7 +424,7 @@ class ShardsInput(InputReader):
     kind: InputKind = "shards"
 
     def __init__(self, path: Path, splits: Sequence[str] | None = None) -> None:
-        from pipeline.shards import MANIFEST, SPLITS
+        from pipeline.data.shards import MANIFEST, SPLITS
 
         self.path = Path(path)
         self.splits = list(splits) if splits else None
@@ -537,7 +537,7 @@ class ShardsInput(InputReader):
             yield BadItem(f"{tar.name}#tail", name, count, f"truncated shard: {count} samples, the manifest lists {expected}")
 
     def _load(self, items: list[ShardItem]) -> list[Record]:
-        from pipeline.shards import decode_image
+        from pipeline.data.shards import decode_image
 
         out = []
         handles: dict[str, Any] = {}

@@ -34,15 +34,15 @@ import pyarrow as pa
 import torch
 from tqdm.auto import tqdm
 
-from pipeline.catalog import ERROR_SCHEMA, Catalog, Run, prediction_schema, prob_columns
-from pipeline.checkpoint import checkpoint_config, load_checkpoint, model_id
+from pipeline.catalog.parquet import ERROR_SCHEMA, Catalog, Run, prediction_schema, prob_columns
+from pipeline.learn.checkpoint import checkpoint_config, load_checkpoint, model_id
 from pipeline.config import Config, stable_hash
 from pipeline.errors import CheckpointError, ConfigError, DataError
-from pipeline.inputs import InputReader, Record, check_image, open_input, plan_chunks
+from pipeline.catalog.inputs import InputReader, Record, check_image, open_input, plan_chunks
 from pipeline.runtime import compute_threads as inference_threads, resolve_device
 from pipeline.io import atomic_write_json, read_json
 from pipeline.layout import StageRun
-from pipeline.transforms import d4_views, eval_batch_transform
+from pipeline.data.transforms import d4_views, eval_batch_transform
 
 CALIBRATION_FILE = "calibration.json"
 EXIT_PARTIAL = 3
@@ -228,7 +228,7 @@ def score_stream(
 
 def _onnx_model(checkpoint: Path, mid: str, out_root: Path, notes: list[str]) -> Path:
     """An ONNX file of this very model: ``<checkpoint>.onnx`` if it matches, else one exported into the catalog."""
-    from pipeline.export import export_onnx, onnx_metadata
+    from pipeline.score.export import export_onnx, onnx_metadata
 
     for candidate in (checkpoint.with_suffix(".onnx"), out_root / "models" / f"{mid}.onnx"):
         if candidate.is_file() and onnx_metadata(candidate).get("astroflow.model_id") == mid:
@@ -610,7 +610,7 @@ def _run_chunks(
             notes.append("predict.amp is ignored by the onnx backend")
         engine: _TorchEngine | _OnnxEngine = _OnnxEngine(_onnx_model(checkpoint, mid, out_root, notes), device, stream_threads)
     else:
-        from pipeline.checkpoint import build_model
+        from pipeline.learn.checkpoint import build_model
 
         engine = _TorchEngine(build_model(payload, path=checkpoint), device, pc.amp)
 
@@ -708,8 +708,8 @@ def _print_summary(s: dict[str, Any]) -> None:
 
 def run_stage(run: StageRun) -> dict[str, Any]:
     """The ``predict`` stage: ``predict.input`` (None: ``shard``'s test split) into the catalog at ``run.out``."""
-    from pipeline.calibrate import CALIBRATION_FILE as CALIBRATED
-    from pipeline.train import BEST
+    from pipeline.score.calibrate import CALIBRATION_FILE as CALIBRATED
+    from pipeline.learn.train import BEST
 
     source = run.cfg.predict.input
     input_path = None if source is None else (run.workdir / Path(source).expanduser())
@@ -733,7 +733,7 @@ def summary_line(summary: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m pipeline.predict ARGS`` is ``astroflow predict ARGS``: one parser, one set of exit codes."""
+    """``python -m pipeline.catalog.predict ARGS`` is ``astroflow predict ARGS``: one parser, one set of exit codes."""
     from pipeline.cli import main as cli_main
 
     return cli_main(["predict", *(sys.argv[1:] if argv is None else argv)])

@@ -742,7 +742,7 @@ def write_synthetic_h5(
             fields = {"ans": f.create_dataset("ans", (n,), np.uint8)}
             for name in ("ra", "dec", "redshift", "pxscale"):
                 fields[name] = f.create_dataset(name, (n,), np.float64)
-            f.attrs["generator"] = "astroflow pipeline.sources.synthetic"
+            f.attrs["generator"] = "astroflow pipeline.data.sources.synthetic"
             f.attrs["seed"] = seed
             for lo in range(0, n, chunk):
                 m = min(chunk, n - lo)

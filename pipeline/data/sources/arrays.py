@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.sources.base import OPTIONAL_FLOAT_FIELDS, RecordBatch
+from pipeline.data.sources.base import OPTIONAL_FLOAT_FIELDS, RecordBatch
 
 
 class ArraySource:

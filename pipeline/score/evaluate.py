@@ -21,14 +21,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from pipeline import metrics as M
+from pipeline.score import metrics as M
 from pipeline.config import Config
 from pipeline.layout import StageRun
 from pipeline.errors import CheckpointError, ConfigError, DataError
 from pipeline.runtime import resolve_device
 from pipeline.io import atomic_dir, atomic_write_json, read_json
-from pipeline.shards import load_manifest, make_dataset, shard_urls
-from pipeline.transforms import d4_views, eval_transform
+from pipeline.data.shards import load_manifest, make_dataset, shard_urls
+from pipeline.data.transforms import d4_views, eval_transform
 
 CONFUSION_PNG = "confusion.png"
 
@@ -143,7 +143,7 @@ def load_and_predict(
 
     ``exclude_ids`` drops those galaxies from the result (the registry leaves out another model's training images).
     """
-    from pipeline.checkpoint import load_model
+    from pipeline.learn.checkpoint import load_model
 
     model, model_cfg, payload = load_model(checkpoint)
     names = check_class_names(payload, load_manifest(shards_dir), Path(shards_dir))
@@ -202,7 +202,7 @@ def evaluate(
     ``out_dir`` belongs to this stage: it is built under a temporary name and swapped in whole, so it
     either holds a complete evaluation or the previous one.
     """
-    from pipeline.checkpoint import model_id
+    from pipeline.learn.checkpoint import model_id
 
     mid = model_id(checkpoint)
     temperature = _read_calibration(calibration, mid, cfg.evaluate.tta) if calibration is not None else None
@@ -381,8 +381,8 @@ def render_report(result: dict[str, Any], info: dict[str, Any], confusion_png: s
 
 def run_stage(run: StageRun) -> dict[str, Any]:
     """The ``evaluate`` stage: ``train``'s best checkpoint on the test split, with ``calibrate``'s temperature."""
-    from pipeline.calibrate import CALIBRATION_FILE
-    from pipeline.train import BEST
+    from pipeline.score.calibrate import CALIBRATION_FILE
+    from pipeline.learn.train import BEST
 
     calibration = run.inputs["calibrate"] / CALIBRATION_FILE
     return evaluate(

@@ -1,0 +1,1 @@
+"""Data: sources, prepare, validate, shards (writer and reader), image decoding and transforms."""

@@ -1,0 +1,1 @@
+"""Trained models: scoring, calibration, evaluation, metrics, export and the registry."""

@@ -49,7 +49,7 @@ def build_inputs(args: argparse.Namespace) -> dict[str, str]:
     import torch
     from PIL import Image
 
-    from models.summary import create_model
+    from models.factory import create_model
     from pipeline.learn.checkpoint import save_checkpoint
     from pipeline.config import GALAXY10_CLASS_NAMES, Config
     from pipeline.data.sources.synthetic import write_synthetic_h5
@@ -125,17 +125,17 @@ def phase_model(args: argparse.Namespace, paths: dict[str, str]) -> dict[str, An
     import h5py
     import torch
 
-    from pipeline.learn.checkpoint import load_model
-    from pipeline.catalog.predict import _Decoded, _OnnxEngine, _TorchEngine, inference_streams, score_stream
+    from pipeline.catalog.classify import _Decoded, inference_streams, score_stream
     from pipeline.runtime import compute_threads
     from pipeline.data.transforms import eval_batch_transform
+    from pipeline.score.trained_model import OnnxBackend, TorchBackend, TrainedModel
 
-    model, cfg, payload = load_model(paths["checkpoint"])
+    model = TrainedModel.load(paths["checkpoint"])
     threads = compute_threads(args.threads, args.workers)
     device = torch.device("cpu")
     streams = inference_streams(args.streams, threads, device)
     per_stream = max(1, threads // streams)
-    tf = eval_batch_transform(int(payload["img_size"]), cfg.train.input_range)
+    tf = eval_batch_transform(model.img_size, model.input_range)
     with h5py.File(paths["h5"], "r") as f:
         images = f["images"][:]
     batches = [
@@ -143,12 +143,12 @@ def phase_model(args: argparse.Namespace, paths: dict[str, str]) -> dict[str, An
         for b, lo in enumerate(range(0, len(images), args.batch_size))
     ]
     if args.backend == "onnx":
-        engine: Any = _OnnxEngine(Path(paths["onnx"]), device, per_stream)
+        backend: Any = OnnxBackend(Path(paths["onnx"]), device, per_stream)
         torch.set_num_threads(1)  # as predict does: torch only glues, and its idle OpenMP threads would spin
     else:
-        engine = _TorchEngine(model, device, "none")
+        backend = TorchBackend(model.network, device)
         torch.set_num_threads(per_stream)
-    run = lambda bs: sum(len(p) for _, p in score_stream(engine, bs, streams, tta=False, temperature=1.0, num_classes=len(payload["class_names"])))  # noqa: E731
+    run = lambda bs: sum(len(p) for _, p in score_stream(backend, bs, streams, tta=False, temperature=1.0, num_classes=len(model.class_names)))  # noqa: E731
     run(batches[:2])  # warm-up
     start = time.perf_counter()
     n = run(batches)

@@ -34,14 +34,14 @@ def make_input(path: Path, n: int, size: int, seed: int = 0) -> None:
     rng = np.random.default_rng(seed)
     with h5py.File(path, "w") as h5:
         images = h5.create_dataset("images", (n, size, size, 3), np.uint8, chunks=(1, size, size, 3), compression="gzip", compression_opts=1)
-        h5["ans"] = base["ans"][np.arange(n) % len(base["ans"])]
+        h5["ans"] = base["label"][np.arange(n) % len(base["label"])]
         h5["ra"] = rng.uniform(0, 360, n)
         h5["dec"] = rng.uniform(-90, 90, n)
         h5["redshift"] = rng.uniform(0, 0.3, n)
         h5["pxscale"] = np.full(n, 0.262)
         for lo in range(0, n, 256):
             k = min(256, n - lo)
-            idx = np.arange(lo, lo + k) % len(base["ans"])
+            idx = np.arange(lo, lo + k) % len(base["label"])
             chunk = base["images"][idx].astype(np.int16)
             chunk = np.roll(chunk, rng.integers(-3, 4), axis=1) + rng.integers(-2, 3, chunk.shape, dtype=np.int16)
             images[lo : lo + k] = np.clip(chunk, 0, 255).astype(np.uint8)

@@ -25,10 +25,12 @@ from timm.data import Mixup
 from timm.loss import SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
 
-from pipeline.learn import train as T
-from pipeline.learn.augment import normalize_batch, train_transform
+from pipeline.learn import recipe
+from pipeline.data.transforms import normalize_batch
+from pipeline.learn.augment import train_transform
 from pipeline.config import Config, load_config
 from pipeline.data.prepare import write_prepared
+from pipeline.data.reader import StreamSpec, make_loader
 from pipeline.runtime import compute_threads, cpu_name
 from pipeline.data.shards import load_manifest, shard_urls, write_shards
 from pipeline.data.sources.arrays import ArraySource
@@ -40,7 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def make_shards(cfg: Config, out: Path, num_images: int, size: int) -> Path:
     """Synthetic 256 px galaxies, prepared and sharded exactly as the pipeline does."""
     d = generate_arrays(num_images, size=size, seed=0)
-    write_prepared(ArraySource(d["images"], d["ans"]), out / "prepared.h5", cfg.data, progress=False)
+    write_prepared(ArraySource(d["images"], d["label"]), out / "prepared.h5", cfg.data, progress=False)
     write_shards(cfg, out / "prepared.h5", out / "shards", progress=False)
     return out / "shards"
 
@@ -50,14 +52,14 @@ def timed_steps(cfg: Config, batches: Iterator[tuple[torch.Tensor, torch.Tensor]
     """Images per second of full training steps (normalise, mixup, forward, backward, update) after ``warmup``."""
     t = cfg.train
     torch.manual_seed(0)
-    model = T.build_train_model(cfg, num_classes=10).to(device).train()
+    model = recipe.build_train_model(cfg, num_classes=10).to(device).train()
     fmt = torch.channels_last if t.channels_last else torch.contiguous_format
     model = model.to(memory_format=fmt)
     opt = create_optimizer_v2(model, opt=t.opt, lr=t.lr, weight_decay=t.weight_decay)
     mixup = Mixup(mixup_alpha=t.mixup_alpha, cutmix_alpha=t.cutmix_alpha, label_smoothing=t.label_smoothing, num_classes=10) \
         if t.mixup_alpha > 0 or t.cutmix_alpha > 0 else None
     loss_fn = SoftTargetCrossEntropy() if mixup else torch.nn.CrossEntropyLoss(label_smoothing=t.label_smoothing)
-    dtype = T.amp_dtype(amp, device)
+    dtype = recipe.amp_dtype(amp, device)
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
     seen, start = 0, 0.0
     for i, (images, labels) in enumerate(batches):
@@ -90,12 +92,13 @@ def timed_steps(cfg: Config, batches: Iterator[tuple[torch.Tensor, torch.Tensor]
 def loader_batches(cfg: Config, shards: Path, steps: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     t = cfg.train
     counts = load_manifest(shards)["splits"]["train"]["class_counts"]
-    spec = T.StreamSpec(
+    spec = StreamSpec(
         urls=tuple(shard_urls(shards, "train")), batch_size=t.batch_size, seed=t.seed, steps=steps,
         shuffle_buffer=t.shuffle_buffer, stratify=tuple(i for i, n in enumerate(counts.values()) if n) if t.stratified_batches else (),
     )
     device_is_cuda = torch.cuda.is_available()
-    yield from T.make_loader(spec, train_transform(t, cfg.model.img_size), t.workers, device_is_cuda)
+    for images, labels, _, _ in make_loader(spec, train_transform(t, cfg.model.img_size), t.workers, device_is_cuda):
+        yield images, labels
 
 
 def memory_batches(cfg: Config) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import Config, dump_params, load_config
-from pipeline.errors import AstroflowError, ValidationFailed
+from pipeline.errors import AstroflowError, ConfigError, ValidationFailed
 from pipeline.layout import Layout
 from pipeline.orchestrate.graph import STAGES
 
@@ -71,6 +71,8 @@ def _stage_command(name: str) -> Callable[[Config, Layout, argparse.Namespace], 
     def command(cfg: Config, layout: Layout, args: argparse.Namespace) -> dict[str, Any]:
         if name == "train" and args.print_command:
             return _print_torchrun(cfg, layout)
+        if name == "train" and (args.out or args.shards):
+            return _train_process(cfg, layout, args)
         return _run_stage(name, cfg, layout, args)
 
     return command
@@ -87,6 +89,22 @@ def _print_torchrun(cfg: Config, layout: Layout) -> dict[str, Any]:
     cmd = torchrun_command(cfg, params, layout.shards, layout.train, run_id=cfg.hash())
     print(shlex.join(cmd))
     return {"command": cmd}
+
+
+def _train_process(cfg: Config, layout: Layout, args: argparse.Namespace) -> dict[str, Any]:
+    """Training in this process into ``--out``, outside the store: what torchrun starts on every rank.
+
+    Not a stage run, so nothing is recorded and no second torchrun is launched; epoch lines go to the log,
+    which the launcher streams.
+    """
+    import logging
+
+    from pipeline.learn.train import train
+
+    if args.out is None:
+        raise ConfigError("--shards needs --out (the directory to train into)")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return train(cfg, args.shards or layout.shards, args.out, resume=args.resume, progress=not args.quiet)
 
 
 def cmd_run(cfg: Config, layout: Layout, args: argparse.Namespace) -> dict[str, Any]:
@@ -277,7 +295,9 @@ def build_parser() -> argparse.ArgumentParser:
         "nightly": "classify new inbox inputs with the production model into the nightly catalog (no Prefect)",
     }
     subs = _subcommands(sub, helps)
-    subs["train"].add_argument("--resume", action="store_true", help="continue from data/train/last.pt")
+    subs["train"].add_argument("--resume", action="store_true", help="continue from last.pt (in data/train, or in OUT with --out)")
+    subs["train"].add_argument("--out", type=Path, default=None, help="train in this process into OUT, outside the store, without launching torchrun (what torchrun starts on each rank)")
+    subs["train"].add_argument("--shards", type=Path, default=None, help="with --out: the shard directory (default: data/shards under --workdir)")
     subs["train"].add_argument("--print-command", action="store_true", help="print the torchrun command for this config (multi-node: run it on each node)")
     subs["predict"].add_argument("--input", type=Path, default=None, help="h5 file, shard dir, image folder or Zoobot catalog (default: predict.input, else the test split)")
     subs["predict"].add_argument("--input-kind", choices=["auto", "h5", "shards", "folder", "zoobot"], default=None, help="default: predict.input_kind (auto: from the path)")

@@ -11,16 +11,21 @@ import torch
 from pipeline.errors import ConfigError
 
 
-def resolve_device(name: str, key: str = "device") -> torch.device:
-    """``auto`` picks CUDA when present; an explicit CUDA device on a machine without one is an error naming ``key``."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def resolve_device(name: str, key: str = "device", local_rank: int | None = None) -> torch.device:
+    """The device a config value names, for every stage.
+
+    ``auto`` picks CUDA when present; an explicit CUDA device on a machine without one is an error naming
+    ``key``. A bare ``cuda`` gets index ``local_rank`` when given: under torchrun each process of a node
+    owns one GPU, so training passes its ``LOCAL_RANK`` (``pipeline.learn.distributed.dist_env``).
+    """
     try:
-        device = torch.device(name)
+        device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
     except RuntimeError as exc:
         raise ConfigError(f"{key}: {exc} (got {name!r})") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"{key} is {name!r} but CUDA is not available")
+    if device.type == "cuda" and device.index is None and local_rank is not None:
+        device = torch.device("cuda", local_rank)
     return device
 
 

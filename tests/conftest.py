@@ -78,7 +78,7 @@ def install_production_model(registry_root: Path, *, seed: int = 0, img_size: in
     """
     import torch
 
-    from models.summary import create_model
+    from models.factory import create_model
     from pipeline.score import registry as reg
     from pipeline.learn.checkpoint import model_id, save_checkpoint
     from pipeline.config import GALAXY10_CLASS_NAMES, Config
@@ -180,7 +180,8 @@ def red_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def one_thread() -> Any:
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine they stall each other."""
+    """Single-threaded torch for a module: tiny models gain nothing from intra-op threads, and on a busy 2-core
+    machine OpenMP threads spinning against each other and the decode workers cost up to 10x."""
     import torch
 
     before = torch.get_num_threads()
@@ -220,7 +221,7 @@ def make_checkpoint(
     """A checkpoint of ``name`` (seed-0 weights, then ``init``) as training would write it, without training."""
     import torch
 
-    from models.summary import create_model
+    from models.factory import create_model
     from pipeline.learn.checkpoint import save_checkpoint
 
     register_gap_model()

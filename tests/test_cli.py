@@ -14,8 +14,6 @@ import pytest
 
 from conftest import make_galaxy10_h5
 
-pytestmark = pytest.mark.slow
-
 
 def astroflow(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -30,6 +28,7 @@ TINY = [
 ]
 
 
+@pytest.mark.slow
 def test_run_on_any_galaxy10_schema_file_with_its_own_classes(tmp_path):
     src = tmp_path / "four_classes.h5"
     make_galaxy10_h5(src, n=120, size=32, num_classes=4)

@@ -16,6 +16,7 @@ import torch
 from pipeline.learn import distributed as D
 from pipeline.config import dump_params, load_config
 from pipeline.errors import ConfigError
+from pipeline.runtime import resolve_device
 from pipeline.data.prepare import write_prepared
 from pipeline.data.shards import write_shards
 from pipeline.data.sources.arrays import ArraySource
@@ -43,15 +44,27 @@ def test_single_process_helpers_are_no_ops() -> None:
 
 
 def test_resolve_device_picks_the_local_rank_gpu() -> None:
-    info = D.DistInfo(rank=1, world_size=2, local_rank=1)
-    assert D.resolve_device("cpu", info) == torch.device("cpu")
+    assert resolve_device("cpu", "train.device", 1) == torch.device("cpu")
     expected = torch.device("cuda", 1) if torch.cuda.is_available() else torch.device("cpu")
-    assert D.resolve_device("auto", info) == expected
+    assert resolve_device("auto", "train.device", 1) == expected
     if torch.cuda.is_available():
-        assert D.resolve_device("cuda", info) == torch.device("cuda", 1)
+        assert resolve_device("cuda", "train.device", 1) == torch.device("cuda", 1)
+        assert resolve_device("cuda:0", "train.device", 1) == torch.device("cuda", 0)  # an explicit index wins
+        assert resolve_device("cuda") == torch.device("cuda")  # outside torchrun a bare cuda stays bare
     else:
         with pytest.raises(ConfigError, match="train.device"):
-            D.resolve_device("cuda", info)
+            resolve_device("cuda", "train.device", 1)
+
+
+def test_train_command_in_process_is_the_cli_with_its_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """What torchrun starts on each rank is `astroflow train --out`: bad input exits 2 with one line, no traceback."""
+    from pipeline.cli import main
+
+    assert main(["train", "--shards", str(tmp_path)]) == 2
+    assert "--shards needs --out" in capsys.readouterr().err
+    assert main(["train", "--shards", str(tmp_path / "missing"), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "error:" in err and "Traceback" not in err
 
 
 DRIVER = textwrap.dedent(
@@ -80,7 +93,7 @@ def test_torchrun_two_processes_gloo_agree_on_weights(tmp_path: Path) -> None:
             "train.deterministic=true",
         ],
     )
-    write_prepared(ArraySource(d["images"], d["ans"]), tmp_path / "prepared.h5", cfg.data, progress=False)
+    write_prepared(ArraySource(d["images"], d["label"]), tmp_path / "prepared.h5", cfg.data, progress=False)
     write_shards(cfg, tmp_path / "prepared.h5", tmp_path / "shards", progress=False)
     dump_params(cfg, tmp_path / "params.yaml")
     (tmp_path / "driver.py").write_text(DRIVER)

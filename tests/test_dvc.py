@@ -9,8 +9,8 @@ import pytest
 import yaml
 
 from pipeline.catalog.parquet import read_predictions
-from tests.conftest import ran_stages as _ran
-from tests.conftest import run_ok as _run
+from conftest import ran_stages as _ran
+from conftest import run_ok as _run
 
 pytestmark = pytest.mark.slow
 

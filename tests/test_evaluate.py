@@ -6,6 +6,7 @@ import csv
 import json
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -17,9 +18,11 @@ from sklearn import metrics as skm
 from pipeline.score import metrics as M
 from pipeline.score.calibrate import calibrate
 from pipeline.learn.checkpoint import save_checkpoint
-from pipeline.errors import CheckpointError, DataError
+from pipeline.errors import CheckpointError, ConfigError, DataError
 from pipeline.score.evaluate import evaluate
-from pipeline.data.shards import iter_split, load_manifest
+from pipeline.score.trained_model import TrainedModel
+from pipeline.data.reader import iter_split
+from pipeline.data.shards import load_manifest
 from pipeline.data.transforms import eval_transform
 
 register_gap_model()
@@ -64,7 +67,7 @@ def test_evaluate_writes_every_output(red_shards: Path, resnet: Path, tmp_path: 
 
     preds = _read_csv(out / "predictions.csv")
     assert list(preds[0]) == ["id", "row", "label", "pred", "max_prob"]
-    expected = {meta["row"]: (meta["id"], label) for _, label, meta in iter_split(red_shards, "test")}
+    expected = {r.row: (r.id, r.label) for r in iter_split(red_shards, "test")}
     assert {int(p["row"]): (p["id"], int(p["label"])) for p in preds} == expected
     y = np.array([int(p["label"]) for p in preds])
     yhat = np.array([int(p["pred"]) for p in preds])
@@ -137,11 +140,11 @@ def test_preprocessing_comes_from_the_checkpoint(
     model, _, _ = load_model(ckpt)
     transform = eval_transform(16, "minus_one_one")
     samples = list(iter_split(red_shards, "test"))
-    x = torch.stack([transform(img) for img, _, _ in samples])
+    x = torch.stack([transform(r.image) for r in samples])
     assert x.shape[-1] == 16
     with torch.inference_mode():
         probs = M.softmax(model(x))
-    expected = {meta["row"]: p.max() for (_, _, meta), p in zip(samples, probs)}
+    expected = {r.row: p.max() for r, p in zip(samples, probs)}
     got = {int(r["row"]): float(r["max_prob"]) for r in _read_csv(tmp_path / "eval" / "predictions.csv")}
     assert got.keys() == expected.keys()
     np.testing.assert_allclose([got[r] for r in sorted(got)], [expected[r] for r in sorted(got)], atol=2e-6)
@@ -190,7 +193,7 @@ def test_evaluate_refuses_a_calibration_made_for_another_model(red_shards: Path,
 
 
 def test_evaluate_refuses_shards_with_other_class_names(red_shards: Path, tmp_path: Path) -> None:
-    from models.summary import create_model
+    from models.factory import create_model
 
     names = [f"c{i}" for i in range(10)]
     cfg = eval_cfg()
@@ -202,3 +205,25 @@ def test_evaluate_refuses_shards_with_other_class_names(red_shards: Path, tmp_pa
     )
     with pytest.raises(DataError, match="class_names"):
         evaluate(cfg, red_shards, tmp_path / "other.pt", tmp_path / "eval", progress=False)
+
+
+def test_one_calibration_contract(gap: Path, tmp_path: Path) -> None:
+    """The rule evaluate, predict and the registry share: the file names this model and the TTA setting it was fitted with."""
+    model = TrainedModel.load(gap)
+    path = tmp_path / "calibration.json"
+
+    def cal(**fields: Any) -> Path:
+        path.write_text(json.dumps({"temperature": 2.0, **fields}))
+        return path
+
+    assert model.temperature(cal(model_id=model.model_id, tta=True), tta=True) == 2.0
+    with pytest.raises(CheckpointError, match="calibration is for model None"):
+        model.temperature(cal(tta=False), tta=False)
+    with pytest.raises(DataError, match="field 'tta'"):
+        model.temperature(cal(model_id=model.model_id), tta=False)
+    with pytest.raises(ConfigError, match="fitted with tta=True"):
+        model.temperature(cal(model_id=model.model_id, tta=True), tta=False)
+    with pytest.raises(DataError, match="positive number"):
+        model.temperature(cal(model_id=model.model_id, tta=False, temperature=0), tta=False)
+    disabled = cal(model_id=model.model_id, tta=True, enabled=False, temperature=1.0)
+    assert model.temperature(disabled, tta=False) == 1.0, "T = 1 fits any TTA setting"

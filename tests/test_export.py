@@ -17,8 +17,9 @@ from pipeline.config import GALAXY10_CLASS_NAMES, load_config
 from pipeline.errors import CheckpointError
 from pipeline.score.export import INPUT_NAME, export_onnx, onnx_metadata
 from pipeline.catalog.predict import predict
-from test_predict import one_thread  # noqa: F401  (the same autouse single-thread fixture)
 from test_predict import PROBS, SIZE, check_catalog, images, make_checkpoint, write_h5
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

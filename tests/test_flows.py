@@ -1,8 +1,10 @@
 """The Prefect flows under ``prefect_test_harness``: stage cache hits and misses, promotion, artifacts,
 the nightly catalog (new inputs only, re-runs, a failed chunk, two runs at once, the Dask task runner with per-chunk tasks).
 
-One tiny real training run (synthetic 32 px images, astroformer_pico, one epoch, under torchrun) is shared
-by the train tests; the nightly tests use a workdir of their own with a random-weights production model.
+The train tests share tiny real training runs (synthetic 32 px images, astroformer_pico, one epoch, under
+torchrun), made in one fixed order by one fixture so that the tests pass in any order; the nightly tests use a
+workdir of their own with a random-weights production model, and an inbox and catalog of their own each.
+Everything that runs a flow is marked slow.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import json
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from uuid import UUID
@@ -37,7 +40,7 @@ from pipeline.orchestrate.graph import stored_stages
 from pipeline.orchestrate.launch import TrainingFailed
 from pipeline.orchestrate.store import MARKER, StageDir, plan_keys
 from pipeline.catalog.nightly import LOCK_FILE, STATE_FILE, NightlyBusy, catalog_lock
-from tests.conftest import install_production_model, make_galaxy10_h5
+from conftest import install_production_model, make_galaxy10_h5
 
 TINY = {
     "data": {"synthetic": {"num_images": 120, "image_size": 32}},
@@ -92,14 +95,44 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def _run_train(workdir: Path, **sections: Any) -> tuple[Any, dict[str, Any]]:
+Run = tuple[Any, dict[str, Any]]
+"""A flow run's final state and its result ({} unless it completed)."""
+
+
+def _run_train(workdir: Path, **sections: Any) -> Run:
     state = train_pipeline(base_params="params.yaml", workdir=str(workdir), return_state=True, **sections)
     return state, (state.result() if state.is_completed() else {})
 
 
+@dataclass(frozen=True)
+class TrainRuns:
+    """The training flow runs the tests below look at, and the production model after those that may move it."""
+
+    first: Run
+    production_after_first: str | None
+    same: Run  # the same parameters again: every stage from the store
+    same_again: Run  # and once more: Prefect's own cache records answer
+    seed: Run  # train.seed=1: the data stages reused, train and everything after it rebuilt
+    production_after_seed: str | None
+    failed: Run  # a model name that does not exist: the train stage fails
+
+
 @pytest.fixture(scope="module")
-def first_run(harness: Any, workdir: Path) -> tuple[Any, dict[str, Any]]:
-    return _run_train(workdir)
+def train_runs(harness: Any, workdir: Path) -> TrainRuns:
+    """Every training run of this module, in one fixed order, whichever test asks first.
+
+    The runs share the stage store, the registry and Prefect's cache records, so each run's outcome depends on
+    the runs before it (a repeated run reads the store only until Prefect holds records for its keys; a better
+    retrained model takes production). Made here, in this order, every test below holds in any test order.
+    """
+    first = _run_train(workdir)
+    after_first = reg.production_id(workdir / "registry")
+    same = _run_train(workdir)
+    same_again = _run_train(workdir)
+    seed = _run_train(workdir, train=TrainConfig(seed=1))
+    after_seed = reg.production_id(workdir / "registry")
+    failed = _run_train(workdir, model=ModelConfig(name="no_such_model_anywhere"))
+    return TrainRuns(first, after_first, same, same_again, seed, after_seed, failed)
 
 
 def _flow_run_id(state: Any) -> UUID:
@@ -136,19 +169,20 @@ def _artifacts(flow_run_id: UUID) -> dict[str, Any]:
     return {a["key"]: a for a in arts}
 
 
-def test_first_run_builds_every_stage_and_promotes(first_run: tuple[Any, dict[str, Any]], workdir: Path) -> None:
-    state, result = first_run
+@pytest.mark.slow
+def test_first_run_builds_every_stage_and_promotes(train_runs: TrainRuns, workdir: Path) -> None:
+    state, result = train_runs.first
     assert state.is_completed(), state.message
     assert {s["how"] for s in result["stages"].values()} == {"built"}
     for stage, s in result["stages"].items():
         assert StageDir(workdir / "cache", stage, s["key"]).complete() is not None
     assert result["promoted"] and result["decision"]["reason"].startswith("there is no production model yet")
-    root = workdir / "registry"
-    assert reg.production_id(root) == result["model_id"] == result["production_id"]
+    assert train_runs.production_after_first == result["model_id"] == result["production_id"]
     from pipeline.learn.checkpoint import model_id
 
-    assert model_id(reg.production_checkpoint(root)) == result["model_id"]
-    metrics, lineage = reg.read_record(reg.production_dir(root))
+    registered = workdir / "registry" / reg.CANDIDATES / result["model_id"]
+    assert model_id(registered / reg.MODEL_FILE) == result["model_id"]
+    metrics, lineage = reg.read_record(registered)
     assert lineage["stage_keys"] == {s: v["key"] for s, v in result["stages"].items()}
     assert lineage["config_hash"] == result["config_hash"]
     prepared = StageDir(workdir / "cache", "prepare", result["stages"]["prepare"]["key"]).complete()
@@ -167,10 +201,11 @@ def test_first_run_builds_every_stage_and_promotes(first_run: tuple[Any, dict[st
     assert len(_logs(_flow_run_id(state), "cache miss", len(STAGES))) == len(STAGES)
 
 
-def test_same_parameters_reuse_every_artifact(first_run: tuple[Any, dict[str, Any]], workdir: Path) -> None:
-    _, first = first_run
+@pytest.mark.slow
+def test_same_parameters_reuse_every_artifact(train_runs: TrainRuns) -> None:
+    _, first = train_runs.first
     markers = {s: (Path(v["path"]) / MARKER).read_text() for s, v in first["stages"].items()}
-    state, second = _run_train(workdir)
+    state, second = train_runs.same
     assert state.is_completed(), state.message
     assert {s["how"] for s in second["stages"].values()} == {"hit"}
     assert {s: v["key"] for s, v in second["stages"].items()} == {s: v["key"] for s, v in first["stages"].items()}
@@ -185,7 +220,7 @@ def test_same_parameters_reuse_every_artifact(first_run: tuple[Any, dict[str, An
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
     from prefect.client.schemas.sorting import TaskRunSort
 
-    state3, third = _run_train(workdir)
+    state3, third = train_runs.same_again
     with get_client(sync_client=True) as client:
         runs = client.read_task_runs(
             flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[_flow_run_id(state3)])),
@@ -197,9 +232,10 @@ def test_same_parameters_reuse_every_artifact(first_run: tuple[Any, dict[str, An
     assert third["model_id"] == first["model_id"]
 
 
-def test_training_parameter_reuses_shards_and_retrains(first_run: tuple[Any, dict[str, Any]], workdir: Path) -> None:
-    _, first = first_run
-    state, result = _run_train(workdir, train=TrainConfig(seed=1))
+@pytest.mark.slow
+def test_training_parameter_reuses_shards_and_retrains(train_runs: TrainRuns, workdir: Path) -> None:
+    _, first = train_runs.first
+    state, result = train_runs.seed
     assert state.is_completed(), state.message
     assert {s: v["how"] == "hit" for s, v in result["stages"].items()} == {
         "prepare": True, "validate": True, "shard": True, "train": False, "calibrate": False, "evaluate": False,
@@ -209,12 +245,13 @@ def test_training_parameter_reuses_shards_and_retrains(first_run: tuple[Any, dic
     # The rule, not the test, decides which model is in production: strictly better on registry.metric wins.
     better = result["metrics"]["top1"] > first["metrics"]["top1"]
     assert result["promoted"] is better
-    assert reg.production_id(workdir / "registry") == (result["model_id"] if better else first["model_id"])
+    assert train_runs.production_after_seed == (result["model_id"] if better else first["model_id"])
     assert (workdir / "registry" / reg.CANDIDATES / result["model_id"] / reg.LINEAGE_FILE).is_file()
 
 
-def test_failed_training_fails_the_task_with_the_log_tail(first_run: tuple[Any, dict[str, Any]], workdir: Path) -> None:
-    state, _ = _run_train(workdir, model=ModelConfig(name="no_such_model_anywhere"))
+@pytest.mark.slow
+def test_failed_training_fails_the_task_with_the_log_tail(train_runs: TrainRuns, workdir: Path) -> None:
+    state, _ = train_runs.failed
     assert state.is_failed()
     with pytest.raises(TrainingFailed) as err:
         state.result()
@@ -256,6 +293,7 @@ def _inbox(workdir: Path, name: str, sizes: dict[str, int]) -> Path:
     return inbox
 
 
+@pytest.mark.slow
 def test_nightly_classifies_each_new_input_once(nightly_workdir: Path) -> None:
     _inbox(nightly_workdir, "once", {"a.h5": 20, "b.h5": 30})
     state, s = _nightly(nightly_workdir, "once")
@@ -279,6 +317,7 @@ def test_nightly_classifies_each_new_input_once(nightly_workdir: Path) -> None:
     assert [r["input"] for r in s["classified"]] == ["c.h5"] and s["catalog_rows"] == 57
 
 
+@pytest.mark.slow
 def test_failed_nightly_run_is_completed_by_a_rerun(nightly_workdir: Path) -> None:
     inbox = _inbox(nightly_workdir, "rerun", {"good.h5": 12})
     (inbox / "broken.h5").write_bytes(b"not an hdf5 file at all")
@@ -296,6 +335,7 @@ def test_failed_nightly_run_is_completed_by_a_rerun(nightly_workdir: Path) -> No
     assert len(df) == 21 and not df.duplicated(["source_file", "source_row"]).any()
 
 
+@pytest.mark.slow
 def test_two_nightly_runs_at_once_classify_each_input_once(nightly_workdir: Path) -> None:
     _inbox(nightly_workdir, "twice", {"a.h5": 16, "b.h5": 16, "c.h5": 16})
     results: list[tuple[Any, dict[str, Any]]] = []
@@ -310,6 +350,7 @@ def test_two_nightly_runs_at_once_classify_each_input_once(nightly_workdir: Path
     assert len(df) == 48 and not df.duplicated(["source_file", "source_row"]).any()
 
 
+@pytest.mark.slow
 def test_a_held_lock_makes_the_run_wait_then_give_up(nightly_workdir: Path) -> None:
     _inbox(nightly_workdir, "locked", {"a.h5": 4})
     catalog = nightly_workdir / "catalogs" / "locked"
@@ -334,6 +375,7 @@ def _task_runs(flow_run_id: UUID, prefix: str) -> list[Any]:
     return [r for r in runs if r.name.startswith(prefix)]
 
 
+@pytest.mark.slow
 def test_a_failed_chunk_is_all_a_rerun_redoes(
     nightly_workdir: Path, monkeypatch: pytest.MonkeyPatch, chunk_1_fails: None
 ) -> None:
@@ -355,6 +397,7 @@ def test_a_failed_chunk_is_all_a_rerun_redoes(
     assert sorted(df["source_row"]) == list(range(40)) and df["run_ts"].nunique() == 1
 
 
+@pytest.mark.slow
 def test_dask_runner_builds_the_same_catalog(nightly_workdir: Path) -> None:
     _inbox(nightly_workdir, "dask", {"a.h5": 18, "b.h5": 22})  # two chunks of predict.chunk_size=16 each
     state, threads_summary = _nightly(nightly_workdir, "dask")
@@ -429,6 +472,7 @@ if __name__ == "__main__":
 """
 
 
+@pytest.mark.slow
 def test_forked_children_exit_cleanly_after_prefect_ran(tmp_path: Path) -> None:
     """Prefect 3.8 leaves a drain at exit that fails in fork children; flows._fork keeps their exit status 0."""
     import subprocess

@@ -47,6 +47,16 @@ def test_classification_metrics_match_sklearn(seed: int) -> None:
     assert M.nll(logits, labels) == pytest.approx(skm.log_loss(labels, M.softmax(logits), labels=range(c)))
 
 
+def test_validation_pass_metrics_from_torch_tensors_match_sklearn() -> None:
+    """Training's validation pass: CPU labels and predicted classes from the device, counts summed over batches."""
+    rng = np.random.default_rng(0)
+    y, p = rng.integers(0, 6, 300), rng.integers(0, 5, 300)  # class 5 is never predicted
+    cm = sum(M.confusion_matrix(torch.from_numpy(y[i : i + 64]), torch.from_numpy(p[i : i + 64]), 7) for i in range(0, 300, 64))
+    assert M.accuracy(cm) == pytest.approx(skm.accuracy_score(y, p))
+    assert M.macro_f1(cm) == pytest.approx(skm.f1_score(y, p, average="macro"))  # class 6 never occurs
+    assert np.isnan(M.accuracy(np.zeros((3, 3), np.int64)))
+
+
 def test_absent_and_never_predicted_classes_match_sklearn() -> None:
     """Class 3 is never predicted (precision 0/0), class 4 never occurs at all."""
     labels = np.array([0, 0, 1, 1, 2, 2, 3, 3, 0, 1])

@@ -10,7 +10,7 @@ from timm.models.maxxvit import MbConvBlock, TransformerBlock2d
 import models
 from models import PretrainedUnavailableError, create_model, describe_model, format_table
 from models.astroformer import model_cfgs
-from models.summary import takes_img_size
+from models.factory import takes_img_size
 
 # (embed_dim, depths, stem_width) from github.com/Rishit-dagli/Astroformer astroformer.py model_cfgs
 PAPER_CFGS = {

@@ -18,7 +18,7 @@ from pipeline.catalog.parquet import read_predictions
 from pipeline.cli import main
 from pipeline.config import load_config
 from pipeline.layout import Layout
-from tests.conftest import install_production_model, make_galaxy10_h5
+from conftest import install_production_model, make_galaxy10_h5
 
 PARAMS = {
     "predict": {"workers": 0, "batch_size": 16, "chunk_size": 16, "device": "cpu"},

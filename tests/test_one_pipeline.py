@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import make_galaxy10_h5
-from tests.conftest import ran_stages as _ran
-from tests.conftest import run_ok as _run
+from conftest import make_galaxy10_h5
+from conftest import ran_stages as _ran
+from conftest import run_ok as _run
 
 pytestmark = pytest.mark.slow
 

@@ -19,7 +19,7 @@ from pipeline.orchestrate import dvcfile, store
 from pipeline.orchestrate.graph import GRAPH, STAGES, downstream, stored_stages
 from pipeline.orchestrate.imports import closure, closure_files
 from pipeline.orchestrate.launch import TrainingFailed, stream_command, torchrun_command
-from tests.conftest import make_galaxy10_h5
+from conftest import make_galaxy10_h5
 
 ROOT = Path(__file__).resolve().parents[1]
 STORED = [s.name for s in stored_stages()]
@@ -39,7 +39,7 @@ def test_every_stage_has_a_directory_a_function_and_known_upstream() -> None:
 def test_train_closure_holds_every_module_it_imports_and_nothing_outside() -> None:
     files = closure_files("pipeline.learn.train")
     for needed in ("pipeline/data/transforms.py", "pipeline/data/shards.py", "pipeline/learn/checkpoint.py", "pipeline/config.py",
-                   "models/summary.py", "models/astroformer.py", "pipeline/learn/train.py", "pipeline/__init__.py"):
+                   "models/factory.py", "models/astroformer.py", "pipeline/learn/train.py", "pipeline/__init__.py"):
         assert needed in files, needed
     assert "pipeline/cli.py" not in files and not [f for f in files if f.startswith("flows/")]
     # calibrate imports evaluate inside a function: it counts
@@ -242,7 +242,8 @@ def test_torchrun_command_and_log_tail(tmp_path: Path, monkeypatch: pytest.Monke
     cmd = torchrun_command(cfg, tmp_path / "p.yaml", tmp_path / "shards", tmp_path / "out", run_id="abc", resume=True)
     assert cmd[1:3] == ["-m", "torch.distributed.run"]
     assert "--nproc-per-node=4" in cmd and "--standalone" in cmd and cmd[-1] == "--resume"
-    assert cmd[cmd.index("-m", 3) + 1] == "pipeline.learn.train"
+    module = cmd.index("-m", 3) + 1
+    assert cmd[module : module + 2] == ["pipeline.cli", "train"] and "--out" in cmd  # the one CLI, training in-process
     multi = load_config(None, ["train.nnodes=2"])
     monkeypatch.delenv("ASTROFLOW_RDZV_ENDPOINT", raising=False)
     with pytest.raises(ConfigError, match="ASTROFLOW_RDZV_ENDPOINT"):

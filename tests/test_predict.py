@@ -40,7 +40,7 @@ PROBS = C.prob_columns(GALAXY10_CLASS_NAMES)
 
 
 def make_checkpoint(path: Path, seed: int) -> Path:
-    from models.summary import create_model
+    from models.factory import create_model
 
     torch.manual_seed(seed)
     net = create_model(MODEL, num_classes=len(GALAXY10_CLASS_NAMES), img_size=SIZE)
@@ -54,13 +54,7 @@ def make_checkpoint(path: Path, seed: int) -> Path:
     return path
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Any:
-    """Single-threaded torch: on a small shared CPU, OpenMP threads spinning against the decode workers cost 10x."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -588,3 +582,37 @@ def test_bf16_autocast_stays_close_to_fp32(tmp_path: Path, ckpt: Path) -> None:
     a = check_catalog(tmp_path / "a", fp32["run_id"]).sort_values("source_row")[PROBS].to_numpy()
     b = check_catalog(tmp_path / "b", bf16["run_id"]).sort_values("source_row")[PROBS].to_numpy()
     np.testing.assert_allclose(b, a, atol=2e-2)
+
+
+def test_one_run_reads_the_checkpoint_once(tmp_path: Path, ckpt: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Model id, network, config and calibration check all come from one read, with either backend."""
+    loads: list[Any] = []
+    opens: list[Path] = []
+    real_load, real_open = torch.load, Path.open
+
+    def counting_load(*args: Any, **kwargs: Any) -> Any:
+        loads.append(args[0])
+        return real_load(*args, **kwargs)
+
+    def counting_open(self: Path, *args: Any, **kwargs: Any) -> Any:
+        if self.resolve() == ckpt.resolve():
+            opens.append(self)
+        return real_open(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", counting_load)
+    monkeypatch.setattr(Path, "open", counting_open)
+    src = write_h5(tmp_path / "in.h5", images(10, seed=23))
+    for backend in ("torch", "onnx"):  # onnx: no export beside the checkpoint, so one is made from the loaded model
+        loads.clear()
+        opens.clear()
+        s = predict(config(backend=backend), ckpt, src, tmp_path / backend, progress=False)
+        assert s["num_written"] == 10 and (len(loads), len(opens)) == (1, 1), backend
+
+
+def test_a_calibration_file_must_name_the_model(tmp_path: Path, ckpt: Path) -> None:
+    src = write_h5(tmp_path / "in.h5", images(4, seed=24))
+    cal = tmp_path / "calibration.json"
+    cal.write_text(json.dumps({"temperature": 2.0, "tta": False}))
+    with pytest.raises(CheckpointError, match="calibration is for model None"):
+        predict(config(), ckpt, src, tmp_path / "cat", calibration=cal, progress=False)
+    assert not (tmp_path / "cat").exists()

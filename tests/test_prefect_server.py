@@ -27,7 +27,7 @@ import yaml
 from pipeline.score import registry as reg
 from pipeline.catalog.parquet import read_predictions
 from pipeline.learn.checkpoint import model_id
-from tests.conftest import make_galaxy10_h5
+from conftest import make_galaxy10_h5
 
 pytestmark = pytest.mark.slow
 

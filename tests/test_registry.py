@@ -20,6 +20,7 @@ import torch
 from conftest import EVAL_OVERRIDES, GAP_MODEL, SHARD_SIZE, eval_cfg, make_checkpoint, nearest_red_mean, register_gap_model, write_red_shards
 from sklearn import metrics as skm
 
+from pipeline.score import promotion
 from pipeline.score import registry as reg
 from pipeline.score.calibrate import calibrate
 from pipeline.learn.checkpoint import model_id
@@ -31,7 +32,7 @@ from pipeline.data.shards import SPLIT_TABLE, load_manifest
 register_gap_model()
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-RULE = reg.Rule(metric="macro_f1", min_value=0.5, min_margin_over_majority=0.2)
+RULE = promotion.Rule(metric="macro_f1", min_value=0.5, min_margin_over_majority=0.2)
 OTHER_CLASSES = [f"type{i}" for i in range(10)]
 
 
@@ -88,12 +89,12 @@ def test_majority_baseline_is_what_the_constant_classifier_scores(counts: list[i
         "macro_f1": skm.f1_score(y, always, average="macro"),
         "balanced_accuracy": skm.balanced_accuracy_score(y, always),
     }[metric]
-    assert reg.majority_baseline(counts, metric) == pytest.approx(expected)
+    assert promotion.majority_baseline(counts, metric) == pytest.approx(expected)
 
 
 def test_majority_baseline_of_macro_f1_follows_the_formula() -> None:
     p, k = 0.4, 4
-    assert reg.majority_baseline([4, 2, 2, 2], "macro_f1") == pytest.approx(2 * p / (1 + p) / k)
+    assert promotion.majority_baseline([4, 2, 2, 2], "macro_f1") == pytest.approx(2 * p / (1 + p) / k)
 
 
 @pytest.mark.parametrize(
@@ -117,7 +118,7 @@ def test_majority_baseline_of_macro_f1_follows_the_formula() -> None:
 def test_decide(
     cand: float | None, prod_id: str | None, prod: float | None, majority: float, same_classes: bool, promote: bool, why: str
 ) -> None:
-    d = reg.decide("new", cand, rule=RULE, majority_value=majority, production_id=prod_id, production_value=prod, same_classes=same_classes)
+    d = promotion.decide("new", cand, rule=RULE, majority_value=majority, production_id=prod_id, production_value=prod, same_classes=same_classes)
     assert d.promote is promote
     assert why in d.reason
     assert d.metric == "macro_f1" and d.candidate_id == "new" and d.production_id == prod_id and not d.forced
@@ -135,7 +136,7 @@ def test_junk_model_is_refused_into_an_empty_registry(red_shards: Path, tmp_path
     no_floor = reg.promote(root, mid, eval_cfg("registry.min_value=0"))
     assert not no_floor.promote and "majority" in no_floor.reason and reg.production_id(root) is None
     counts = list(load_manifest(red_shards)["splits"]["test"]["class_counts"].values())
-    assert no_floor.majority_value == pytest.approx(reg.majority_baseline(counts, "macro_f1"))
+    assert no_floor.majority_value == pytest.approx(promotion.majority_baseline(counts, "macro_f1"))
     assert [h["promote"] for h in reg.history(root)] == [False, False]
 
 
@@ -173,7 +174,7 @@ def test_same_split_needs_a_strictly_better_model(red_shards: Path, tmp_path: Pa
     assert reg.promote(root, weaker, eval_cfg()).promote
     good = _register(root, tmp_path, red_shards, "good", _good)
     better = reg.promote(root, good, eval_cfg())
-    assert better.promote and better.basis == reg.STORED
+    assert better.promote and better.basis == promotion.STORED
     assert better.candidate_value > better.production_value
     assert reg.promote(root, weaker, eval_cfg()).promote is False
 
@@ -213,7 +214,7 @@ def test_production_is_rescored_on_the_candidate_split_minus_its_training_ids(
     cand_f1, _ = reference(tmp_path / "cand.pt", "cand-on-b")
     assert decision.production_value == pytest.approx(prod_f1)
     assert decision.candidate_value == pytest.approx(cand_f1)
-    assert decision.majority_value == pytest.approx(reg.majority_baseline(np.bincount(y, minlength=10), "macro_f1"))
+    assert decision.majority_value == pytest.approx(promotion.majority_baseline(np.bincount(y, minlength=10), "macro_f1"))
     assert decision.promote is (cand_f1 > prod_f1)
     assert reg.production_id(root) == (cand if decision.promote else prod)
 

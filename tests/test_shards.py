@@ -1,8 +1,10 @@
-"""Stratified split, shard round trips, manifest, atomicity, and the training loader."""
+"""Stratified split, shard round trips, manifest, atomicity, and the shard reader (streams and batches)."""
 
 from __future__ import annotations
 
+import itertools
 import json
+import random
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +18,15 @@ from pipeline.config import load_config
 from pipeline.errors import DataError
 from pipeline.io import sha256_file
 from pipeline.data.prepare import DATASET_FILE, prepare
-from pipeline.data.shards import iter_split, load_manifest, make_dataset, shard_urls, stratified_split, write_shards
+from pipeline.data.reader import (
+    StreamSpec,
+    iter_split,
+    make_loader,
+    plain_batches,
+    slot_samples,
+    stratified_batches,
+)
+from pipeline.data.shards import load_manifest, shard_urls, stratified_split, write_shards
 
 
 @pytest.mark.parametrize("seed", [0, 1, 7])
@@ -54,19 +64,18 @@ def _prepared(tmp_path: Path, n: int = 60, size: int = 16, **kw) -> tuple[Path, 
 def test_round_trip_every_sample(tmp_path, fmt):
     prepared, data = _prepared(tmp_path, n=70, size=24)
     cfg = load_config(None, [f"shard.image_format={fmt}", "shard.max_samples_per_shard=16", "shard.workers=2", "data.chunk_size=9"])
-    manifest = write_shards(cfg, prepared, tmp_path / "shards", progress=False)
+    write_shards(cfg, prepared, tmp_path / "shards", progress=False)
     seen = {}
     for split in ("train", "val", "test"):
-        for image, label, meta in iter_split(tmp_path / "shards", split):
-            row = meta["row"]
+        for rec in iter_split(tmp_path / "shards", split):
+            row = rec.row
             assert row not in seen
             seen[row] = split
-            assert label == data["ans"][row] and meta["id"] == f"{row:06d}"
-            assert meta["ra"] == pytest.approx(data["ra"][row]) and meta["class_name"] == manifest["class_names"][label]
+            assert rec.label == data["ans"][row] and rec.id == f"{row:06d}" and rec.ra == pytest.approx(data["ra"][row])
             if fmt == "jpg":
-                assert np.corrcoef(image.ravel(), data["images"][row].ravel())[0, 1] > 0.5
+                assert np.corrcoef(rec.image.ravel(), data["images"][row].ravel())[0, 1] > 0.5
             else:
-                assert image.dtype == np.uint8 and np.array_equal(image, data["images"][row])
+                assert rec.image.dtype == np.uint8 and np.array_equal(rec.image, data["images"][row])
     assert sorted(seen) == list(range(70))
     table = pq.read_table(tmp_path / "shards" / "split.parquet").to_pylist()
     assert {r["row"]: r["split"] for r in table} == seen
@@ -93,7 +102,7 @@ def test_same_seed_same_shards_other_seed_other_split(tmp_path):
     b = write_shards(cfg, prepared, tmp_path / "b", progress=False)
     assert [s["sha256"] for s in a["splits"]["train"]["shards"]] == [s["sha256"] for s in b["splits"]["train"]["shards"]]
     c = write_shards(load_config(None, ["split.seed=3"]), prepared, tmp_path / "c", progress=False)
-    rows = lambda d: sorted(m["row"] for _, _, m in iter_split(tmp_path / d, "test"))  # noqa: E731
+    rows = lambda d: sorted(r.row for r in iter_split(tmp_path / d, "test"))  # noqa: E731
     assert rows("a") != rows("c")
 
 
@@ -134,12 +143,86 @@ def test_shard_refuses_failed_or_stale_validation(tmp_path):
     assert not (tmp_path / "s").exists()
 
 
-def test_loader_splits_by_worker_without_duplicates(tmp_path):
-    prepared, data = _prepared(tmp_path, n=80)
-    write_shards(load_config(None, ["shard.max_samples_per_shard=8"]), prepared, tmp_path / "shards", progress=False)
-    urls = shard_urls(tmp_path / "shards", "train")
-    ds = make_dataset(urls, shuffle_buffer=20, seed=1, transform=lambda im: torch.from_numpy(im).float().mean())
-    loader = torch.utils.data.DataLoader(ds.map(lambda r: (r[0], r[1], r[2]["row"])), batch_size=None, num_workers=2)
-    rows = [int(r) for _, _, r in loader]
-    assert sorted(rows) == sorted(m["row"] for _, _, m in iter_split(tmp_path / "shards", "train"))
-    assert len(rows) == load_manifest(tmp_path / "shards")["splits"]["train"]["num_samples"] > 0
+def test_sample_is_an_image_and_one_json_of_the_record_fields(tmp_path):
+    """The member format of ``docs/design.md``: the label lives in the JSON only, under its one name."""
+    prepared, data = _prepared(tmp_path, n=20)
+    manifest = write_shards(load_config(None, []), prepared, tmp_path / "shards", progress=False)
+    spec = StreamSpec(urls=tuple(shard_urls(tmp_path / "shards", "train")), batch_size=1)
+    sample, label = next(slot_samples(spec, 0, 1))
+    assert {k for k in sample if not k.startswith("__")} == {"png", "json"}
+    meta = json.loads(sample["json"])
+    assert set(meta) == {"id", "row", "source_row", "label", "class_name", "ra", "dec", "redshift", "pxscale"}
+    assert label == meta["label"] == data["ans"][meta["row"]] and meta["class_name"] == manifest["class_names"][label]
+    assert manifest["format_version"] == 2
+
+
+# ---------------------------------------------------------------- the reader's streams
+
+
+@pytest.fixture(scope="module")
+def ten_class_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """120 images of 10 classes at 16 px: train, val and test splits in 10-sample shards."""
+    root = tmp_path_factory.mktemp("reader")
+    prepared, _ = _prepared(root, n=120)
+    write_shards(load_config(None, ["shard.max_samples_per_shard=10"]), prepared, root / "shards", progress=False)
+    return root / "shards"
+
+
+def test_ordered_pass_reads_every_sample_once_whatever_the_workers(ten_class_shards):
+    urls = tuple(shard_urls(ten_class_shards, "train"))
+    written = [r.row for r in iter_split(ten_class_shards, "train")]
+    assert len(written) == load_manifest(ten_class_shards)["splits"]["train"]["num_samples"] > 0
+    for workers in (0, 2):
+        loader = make_loader(StreamSpec(urls=urls, batch_size=7), lambda im: im, workers, pin_memory=False)
+        batches = list(loader)
+        assert all(x.shape[1:] == (3, 16, 16) and len(ids) == len(rows) == len(y) for x, y, ids, rows in batches)
+        rows = [r for *_, batch_rows in batches for r in batch_rows]
+        assert sorted(rows) == sorted(written)
+        if workers == 0:
+            assert rows == written  # one reader: written order
+
+
+def test_stratified_batches_hold_every_class() -> None:
+    rng = np.random.default_rng(0)
+    labels = rng.choice(5, size=2000, p=[0.5, 0.3, 0.15, 0.04, 0.01])  # class 4: one in a hundred
+    stream = (({"i": i}, int(y)) for i, y in enumerate(labels))
+    batches = list(itertools.islice(stratified_batches(stream, 16, range(5), random.Random(0), 256), 100))
+    assert all(len(b) == 16 and {y for _, y in b} == set(range(5)) for b in batches)
+    # the plain batcher on the same stream misses the rare class: the property is not free
+    plain = plain_batches((({"i": i}, int(y)) for i, y in enumerate(labels)), 16)
+    assert any({y for _, y in b} != set(range(5)) for b in itertools.islice(plain, 100))
+    # apart from the one-per-class places, samples come in stream order, not re-weighted
+    counts = np.bincount([y for b in batches for _, y in b], minlength=5)
+    assert counts[0] > counts[1] > counts[2]
+
+
+def test_train_loader_batches_hold_every_class_and_split_by_rank(ten_class_shards) -> None:
+    manifest = load_manifest(ten_class_shards)
+    urls = tuple(shard_urls(ten_class_shards, "train"))
+    spec = StreamSpec(urls=urls, batch_size=12, steps=20, shuffle_buffer=32, stratify=tuple(range(10)), epoch=3)
+    batches = [(x, y) for x, y, _, _ in make_loader(spec, lambda im: im, workers=2, pin_memory=False)]
+    assert len(batches) == 20
+    for x, y in batches:
+        assert x.shape == (12, 3, 16, 16) and x.dtype == torch.uint8 and set(y.tolist()) == set(range(10))
+    # the same spec gives the same batches; another epoch gives others
+    again = [y for _, y, _, _ in make_loader(spec, lambda im: im, workers=2, pin_memory=False)]
+    assert all(torch.equal(a, b) for (_, a), b in zip(batches, again))
+    other = [y for _, y, _, _ in make_loader(StreamSpec(**{**spec.__dict__, "epoch": 4}), lambda im: im, 2, False)]
+    assert any(not torch.equal(a, b) for (_, a), b in zip(batches, other))
+    val = tuple(shard_urls(ten_class_shards, "val"))
+    seen = [
+        rows
+        for rank in (0, 1)
+        for _, _, _, rows in make_loader(StreamSpec(urls=val, batch_size=7, world_size=2, rank=rank), lambda im: torch.zeros(1), 2, False)
+    ]
+    rows = [r for batch in seen for r in batch]
+    assert len(rows) == len(set(rows)) == manifest["splits"]["val"]["num_samples"]
+
+
+def test_units_cover_every_sample_once_with_more_slots_than_shards(ten_class_shards) -> None:
+    urls = tuple(shard_urls(ten_class_shards, "val"))
+    keys: list[str] = []
+    slots = 7  # more reader slots than the 2 val shards
+    for slot in range(slots):
+        keys += [s["__key__"] for s, _ in slot_samples(StreamSpec(urls=urls, batch_size=1), slot, slots)]
+    assert len(urls) < slots and len(keys) == len(set(keys)) == sum(1 for _ in iter_split(ten_class_shards, "val"))

@@ -84,7 +84,7 @@ def _bad_h5(tmp_path: Path, kind: str) -> Path:
         ("truncated", r"(not a readable HDF5 file|cannot be read)"),
         ("missing_images", r"missing dataset\(s\) \['images'\]"),
         ("mismatched_lengths", r"field 'ans' must have shape \(5,\)"),
-        ("labels_out_of_range", r"field 'ans' \(label\) must be in \[0, 10\).*row 3 has 12"),
+        ("labels_out_of_range", r"label must be in \[0, 10\).*row 3 has 12"),
         ("wrong_image_shape", r"field 'images' must have shape \(N, H, W, 3\)"),
     ],
 )
@@ -161,7 +161,7 @@ def test_folder_source_crop_resize_and_labels(tmp_path):
     ds = PreparedDataset(tmp_path / "prep" / DATASET_FILE)
     assert summary["image_shape"] == [16, 16, 3] and len(ds) == 12
     assert list(ds.read_column("id"))[:2] == ["obj.0", "obj.1"]
-    assert list(ds.read_column("ans")) == [i % 3 for i in range(12)]
+    assert list(ds.read_column("label")) == [i % 3 for i in range(12)]
     png = np.asarray(Image.open(root / "img/g1.png"))[10:30, 10:30]
     expected = np.asarray(Image.fromarray(png).resize((16, 16), Image.Resampling.LANCZOS))
     assert np.array_equal(next(ds.iter_batches(2)).images[1], expected)

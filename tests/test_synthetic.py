@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+from pipeline.data.h5 import field
 from pipeline.data.sources import synthetic
 from pipeline.data.sources.synthetic import (
     CLASS_NAMES,
@@ -22,7 +23,7 @@ from pipeline.data.sources.synthetic import (
     write_synthetic_h5,
 )
 
-FIELDS = ("images", "ans", "ra", "dec", "redshift", "pxscale")
+FIELDS = ("images", "label", "ra", "dec", "redshift", "pxscale")
 
 
 def _same(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> bool:
@@ -48,13 +49,13 @@ def test_chunked_generation_equals_one_shot(size: int) -> None:
 
 
 def test_labels_drawn_without_rendering_match_generated_rows() -> None:
-    assert np.array_equal(draw_labels(12, seed=5, start=30), generate_arrays(12, size=32, seed=5, start=30)["ans"])
+    assert np.array_equal(draw_labels(12, seed=5, start=30), generate_arrays(12, size=32, seed=5, start=30)["label"])
 
 
 def test_generated_arrays_have_galaxy10_types_and_ranges() -> None:
     d = generate_arrays(20, size=48, seed=1)
     assert d["images"].shape == (20, 48, 48, 3) and d["images"].dtype == np.uint8
-    assert d["ans"].shape == (20,) and d["ans"].dtype == np.uint8 and d["ans"].max() < len(GALAXY10_COUNTS)
+    assert d["label"].shape == (20,) and d["label"].dtype == np.uint8 and d["label"].max() < len(GALAXY10_COUNTS)
     for name in ("ra", "dec", "redshift", "pxscale"):
         assert d[name].shape == (20,) and d[name].dtype == np.float64 and np.isfinite(d[name]).all()
     assert ((d["ra"] >= 0) & (d["ra"] < 360)).all()
@@ -70,7 +71,7 @@ def test_h5_file_has_exact_galaxy10_schema(tmp_path: Path) -> None:
     assert out == path and path.is_file()
     assert list(tmp_path.rglob("*.tmp")) == []
     with h5py.File(path, "r") as f:
-        assert set(f.keys()) == set(FIELDS)
+        assert set(f.keys()) == {"images", "ans", "ra", "dec", "redshift", "pxscale"}  # Galaxy10's names
         images = f["images"]
         assert images.shape == (23, 64, 64, 3) and images.dtype == np.uint8
         assert images.chunks == (1, 64, 64, 3)
@@ -78,11 +79,11 @@ def test_h5_file_has_exact_galaxy10_schema(tmp_path: Path) -> None:
         assert f["ans"].shape == (23,) and f["ans"].dtype == np.uint8
         for name in ("ra", "dec", "redshift", "pxscale"):
             assert f[name].shape == (23,) and f[name].dtype == np.float64
-        stored = {k: f[k][()] for k in FIELDS}
+        stored = {k: f[field(k)][()] for k in FIELDS}
     assert _same(stored, generate_arrays(23, size=64, seed=2))
     assert ((stored["ra"] >= 0) & (stored["ra"] < 360)).all()
     assert ((stored["dec"] >= -90) & (stored["dec"] <= 90)).all()
-    assert (stored["redshift"] >= 0).all() and (stored["ans"] < 10).all()
+    assert (stored["redshift"] >= 0).all() and (stored["label"] < 10).all()
 
 
 def test_failed_write_leaves_no_file_and_no_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -154,6 +155,7 @@ def _tiny_cnn() -> nn.Module:
     return nn.Sequential(block(3, 16, 2), block(16, 32, 2), block(32, 64, 2), block(64, 64, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10))
 
 
+@pytest.mark.slow
 def test_tiny_cnn_learns_the_classes_well_above_chance() -> None:
     """The data set must carry learnable morphology: a tiny CNN, a few CPU epochs, held-out rows.
 
@@ -162,7 +164,7 @@ def test_tiny_cnn_learns_the_classes_well_above_chance() -> None:
     n_train, n_test, epochs, batch = 2000, 500, 5, 64
     d = generate_arrays(n_train + n_test, size=64, seed=0)
     x = torch.from_numpy(d["images"]).permute(0, 3, 1, 2).float().div_(255.0)
-    y = torch.from_numpy(d["ans"].astype(np.int64))
+    y = torch.from_numpy(d["label"].astype(np.int64))
     x_train, y_train, x_test, y_test = x[:n_train], y[:n_train], x[n_train:], y[n_train:]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # deterministic, and immune to oversubscription on a busy 2-core box

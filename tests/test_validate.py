@@ -17,7 +17,8 @@ from pipeline.config import Config, config_from_dict
 from pipeline.errors import DataError, ValidationFailed
 from pipeline.data.prepare import PreparedDataset, write_prepared
 from pipeline.data.sources.arrays import ArraySource
-from pipeline.data.validate import REPORT_FILE, SUMMARY_FILE, Check, ChunkFingerprint, DuplicateFinder, validate
+from pipeline.data.scan import ChunkFingerprint, DuplicateFinder
+from pipeline.data.validate import REPORT_FILE, SUMMARY_FILE, Check, validate
 
 N = 60
 SIZE = 16

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
-from pipeline.catalog import predict as predict_stage
+from pipeline.catalog import predict
 from pipeline.score import registry as reg
 from pipeline.config import Config, stable_hash
 from pipeline.errors import AstroflowError, DataError
@@ -220,9 +220,9 @@ def production_job(cfg: Config, layout: Layout) -> Job:
     return Job(cfg, prod / reg.MODEL_FILE, calibration if calibration.is_file() else None, layout.resolve(cfg.schedule.catalog))
 
 
-def plan_input(job: Job, entry: InboxEntry) -> predict_stage.RunPlan:
+def plan_input(job: Job, entry: InboxEntry) -> predict.RunPlan:
     """The input's run and the chunks it still lacks, so each can be submitted on its own (nothing is classified)."""
-    return predict_stage.plan_run(**job.predict_args(entry))
+    return predict.plan_run(**job.predict_args(entry))
 
 
 def classify_chunk(job: Job, entry: InboxEntry, chunk: int) -> dict[str, Any]:
@@ -231,12 +231,12 @@ def classify_chunk(job: Job, entry: InboxEntry, chunk: int) -> dict[str, Any]:
     if cfg.predict.workers and multiprocessing.current_process().daemon:
         log.info("running in a daemonic process (a Dask worker), which may not start DataLoader workers: predict.workers=0")
         cfg = cfg.model_copy(update={"predict": cfg.predict.model_copy(update={"workers": 0})})
-    return predict_stage.predict(**{**job.predict_args(entry), "cfg": cfg}, chunks=[chunk], progress=False)
+    return predict.predict(**{**job.predict_args(entry), "cfg": cfg}, chunks=[chunk], progress=False)
 
 
 def finalize_input(job: Job, entry: InboxEntry, chunk_results: list[dict[str, Any]]) -> dict[str, Any]:
     """Mark the input's run complete and write its summary, once every chunk is committed."""
-    summary = predict_stage.finalize_run(**job.predict_args(entry), chunk_results=chunk_results)
+    summary = predict.finalize_run(**job.predict_args(entry), chunk_results=chunk_results)
     return {k: summary.get(k) for k in RESULT_KEYS}
 
 

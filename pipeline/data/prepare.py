@@ -1,12 +1,11 @@
 """Stage ``prepare``: turn any source into one canonical HDF5 file in the Galaxy10 schema.
 
-The canonical file is the Galaxy10 DECals schema (``images``, ``ans``, ``ra``, ``dec``, ``redshift``,
-``pxscale``) plus ``id`` and ``source_index``, uncompressed and contiguous so that the later stages
+The canonical file is the Galaxy10 DECals schema (``images``, the label, ``ra``, ``dec``, ``redshift``,
+``pxscale``) plus ``id`` and ``source_row``, uncompressed and contiguous so that the later stages
 read it at disk speed. Images keep the source's dtype, so that ``validate`` (not ``prepare``) is
 where a float or NaN image is caught and reported. It is itself a valid ``h5`` source. Its attributes hold the class names, a
 description of the input and ``data_hash``, a hash of the content (images, labels, ids) that the
-shard manifest and the artifact cache key on.
-"""
+shard manifest and the artifact cache key on. It is read and written through :mod:`pipeline.data.h5`."""
 
 from __future__ import annotations
 
@@ -18,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import h5py
 import numpy as np
 from tqdm.auto import tqdm
 
@@ -26,11 +24,14 @@ from pipeline.config import Config, DataConfig
 from pipeline.layout import StageRun
 from pipeline.errors import DataError
 from pipeline.io import atomic_path
+from pipeline.data.h5 import STRING, H5File, H5Writer
+from pipeline.data.record import OPTIONAL_FLOAT_FIELDS, RecordBatch
 from pipeline.data.sources import open_source
-from pipeline.data.sources.base import OPTIONAL_FLOAT_FIELDS, RecordBatch, Source
+from pipeline.data.sources.base import Source
 
 DATASET_FILE = "dataset.h5"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the source row is stored as ``source_row`` (was ``source_index``)
+COLUMNS: tuple[str, ...] = ("label", *OPTIONAL_FLOAT_FIELDS, "id", "source_row")
 
 
 def _label_dtype(num_classes: int) -> np.dtype:
@@ -64,13 +65,12 @@ def write_prepared(source: Source, path: Path, data: DataConfig, *, progress: bo
     num_classes = data.num_classes
     hasher = ContentHasher()
     counts = np.zeros(num_classes, dtype=np.int64)
+    dtypes = {"label": _label_dtype(num_classes), "id": STRING, "source_row": np.int64}
+    columns = {name: dtypes.get(name, np.float64) for name in COLUMNS}
     # SHA-256 releases the GIL: hashing chunk k in a thread overlaps reading chunk k+1 (one thread keeps the order)
-    with ThreadPoolExecutor(1, thread_name_prefix="hash") as hashing, atomic_path(path) as tmp, h5py.File(tmp, "w") as h5:
-        images = h5.create_dataset("images", shape=(n, *shape), dtype=source.image_dtype)
-        ans = h5.create_dataset("ans", shape=(n,), dtype=_label_dtype(num_classes))
-        floats = {name: h5.create_dataset(name, shape=(n,), dtype=np.float64) for name in OPTIONAL_FLOAT_FIELDS}
-        ids = h5.create_dataset("id", shape=(n,), dtype=h5py.string_dtype())
-        src_index = h5.create_dataset("source_index", shape=(n,), dtype=np.int64)
+    with ThreadPoolExecutor(1, thread_name_prefix="hash") as hashing, atomic_path(path) as tmp, H5Writer(
+        tmp, n, shape, source.image_dtype, columns
+    ) as out:
         pos = 0
         hashed: Future[None] | None = None
         bar = tqdm(total=n, desc="prepare", unit="img", disable=not progress, dynamic_ncols=True)
@@ -79,19 +79,8 @@ def write_prepared(source: Source, path: Path, data: DataConfig, *, progress: bo
             if pos + k > n:
                 raise DataError(f"{source.describe().get('path')}: source yielded more than the {n} records it declared")
             labels = np.asarray(batch.labels)
-            bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
-            if bad.size:
-                raise DataError(
-                    f"{source.describe().get('path')}: field 'ans' (label) must be in [0, {num_classes}) for "
-                    f"{num_classes} configured class names; row {int(batch.source_index[bad[0]])} has {int(labels[bad[0]])}"
-                    f" ({bad.size} such rows in this chunk)"
-                )
-            images[pos : pos + k] = batch.images
-            ans[pos : pos + k] = labels
-            for name in OPTIONAL_FLOAT_FIELDS:
-                floats[name][pos : pos + k] = getattr(batch, name)
-            ids[pos : pos + k] = batch.ids
-            src_index[pos : pos + k] = batch.source_index
+            _check_labels(labels, batch, num_classes, source)
+            out.write(pos, batch.images, _columns(batch, labels))
             counts += np.bincount(labels, minlength=num_classes)
             if hashed is not None:
                 hashed.result()  # at most one chunk waits for the hasher: memory stays bounded
@@ -113,10 +102,26 @@ def write_prepared(source: Source, path: Path, data: DataConfig, *, progress: bo
             "data_hash": hasher.hexdigest(),
         }
         for key in ("format_version", "data_hash"):
-            h5.attrs[key] = summary[key]
-        h5.attrs["class_names"] = json.dumps(summary["class_names"])
-        h5.attrs["source"] = json.dumps(summary["source"])
+            out.attrs[key] = summary[key]
+        out.attrs["class_names"] = json.dumps(summary["class_names"])
+        out.attrs["source"] = json.dumps(summary["source"])
     return summary
+
+
+def _check_labels(labels: np.ndarray, batch: RecordBatch, num_classes: int, source: Source) -> None:
+    bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
+    if bad.size:
+        raise DataError(
+            f"{source.describe().get('path')}: label must be in [0, {num_classes}) for "
+            f"{num_classes} configured class names; row {int(batch.source_rows[bad[0]])} has {int(labels[bad[0]])}"
+            f" ({bad.size} such rows in this chunk)"
+        )
+
+
+def _columns(batch: RecordBatch, labels: np.ndarray) -> dict[str, Any]:
+    """A batch's values of every column of the prepared file (:data:`COLUMNS`)."""
+    floats = {k: getattr(batch, k) for k in OPTIONAL_FLOAT_FIELDS}
+    return {"label": labels, "id": batch.ids, "source_row": batch.source_rows, **floats}
 
 
 @dataclass
@@ -129,37 +134,29 @@ class PreparedDataset:
         self.path = Path(self.path)
         if not self.path.is_file():
             raise DataError(f"{self.path}: prepared dataset not found (run `astroflow prepare` first)")
-        with h5py.File(self.path, "r") as h5:
-            self.num_images = int(h5["images"].shape[0])
-            self.image_shape = tuple(int(x) for x in h5["images"].shape[1:])
-            self.image_dtype = np.dtype(h5["images"].dtype)
-            self.class_names: list[str] = json.loads(h5.attrs["class_names"])
-            self.data_hash: str = str(h5.attrs["data_hash"])
-            self.source: dict[str, Any] = json.loads(h5.attrs["source"])
+        self.file = H5File(self.path)
+        attrs = self.file.attrs()
+        if attrs.get("format_version") != FORMAT_VERSION:
+            raise DataError(
+                f"{self.path}: prepared dataset format {attrs.get('format_version')}, this version reads "
+                f"{FORMAT_VERSION}; run `astroflow prepare` again"
+            )
+        self.num_images = self.file.num_rows
+        self.image_shape = self.file.image_shape
+        self.image_dtype = self.file.image_dtype
+        self.class_names: list[str] = json.loads(attrs["class_names"])
+        self.data_hash: str = str(attrs["data_hash"])
+        self.source: dict[str, Any] = json.loads(attrs["source"])
 
     def __len__(self) -> int:
         return self.num_images
 
     def read_column(self, name: str) -> np.ndarray:
-        """A whole scalar column (labels, ids, coordinates): small next to the images."""
-        with h5py.File(self.path, "r") as h5:
-            col = h5[name][:]
-        if name == "id":
-            return np.array([x.decode() if isinstance(x, bytes) else x for x in col], dtype=object)
-        return col
+        """A whole per-row column (``label``, ``id``, coordinates): small next to the images."""
+        return self.file.column(name)
 
     def iter_batches(self, chunk_size: int = 256, start: int = 0, stop: int | None = None) -> Iterator[RecordBatch]:
-        stop = self.num_images if stop is None else min(stop, self.num_images)
-        with h5py.File(self.path, "r") as h5:
-            for lo in range(start, stop, chunk_size):
-                hi = min(lo + chunk_size, stop)
-                yield RecordBatch(
-                    images=h5["images"][lo:hi],
-                    labels=h5["ans"][lo:hi].astype(np.int64),
-                    ids=[x.decode() if isinstance(x, bytes) else x for x in h5["id"][lo:hi]],
-                    source_index=h5["source_index"][lo:hi],
-                    **{name: h5[name][lo:hi] for name in OPTIONAL_FLOAT_FIELDS},
-                )
+        return self.file.batches(chunk_size, COLUMNS, start=start, stop=stop)
 
 
 def prepare(cfg: Config, out_dir: Path, *, workdir: Path = Path("."), progress: bool = True) -> dict[str, Any]:

@@ -1,6 +1,6 @@
-"""Stage ``shard``: stratified split, WebDataset shard writing, the manifest, and the shard reader.
+"""Stage ``shard``: stratified split, WebDataset shard writing, and the manifest.
 
-Layout and sample format are described in ``docs/design.md``.
+Layout and sample format are described in ``docs/design.md``; shards are read by :mod:`pipeline.data.reader`.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import math
 import os
 import struct
 import zlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -29,11 +29,12 @@ from pipeline.layout import StageRun
 from pipeline.errors import DataError
 from pipeline.io import atomic_dir, atomic_write_json, read_json, sha256_file
 from pipeline.data.prepare import PreparedDataset
-from pipeline.data.sources.base import OPTIONAL_FLOAT_FIELDS, RecordBatch
+from pipeline.data.record import OPTIONAL_FLOAT_FIELDS, RecordBatch
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 MANIFEST = "manifest.json"
 SPLIT_TABLE = "split.parquet"
+FORMAT_VERSION = 2  # 2: the label only in the JSON member (no ``.cls``), ``source_row`` (was ``source_index``)
 IMAGE_EXTENSIONS = {"png": "png", "jpg": "jpg", "npy": "npy"}
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -151,68 +152,16 @@ def write_shards(
     _check_validation(validation_report, ds.data_hash)
     if ds.image_dtype != np.uint8:
         raise DataError(f"{prepared_path}: field 'images' must be uint8 to shard, got {ds.image_dtype}")
-    sc: ShardConfig = cfg.shard
-    labels = ds.read_column("ans").astype(np.int64)
-    ids = ds.read_column("id")
+    labels = ds.read_column("label").astype(np.int64)
     fractions = cfg.split.fractions()
     assignment = stratified_split(labels, fractions, cfg.split.seed)
     split_names = list(fractions)
-    ext = IMAGE_EXTENSIONS[sc.image_format]
-    workers = sc.workers or os.cpu_count() or 1
-
     with atomic_dir(out_dir) as tmp:
-        writers = {
-            name: wds.ShardWriter(
-                str(tmp / f"{name}-%06d.tar"),
-                maxcount=sc.max_samples_per_shard,
-                maxsize=sc.max_bytes_per_shard,
-                verbose=0,
-                # fixed tar times: the same data and config give byte-identical shards; an int, because a
-                # float mtime costs every member an extra PAX header block
-                mtime=0,
-                user="astroflow",
-                group="astroflow",
-            )
-            for name in split_names
-        }
-        bar = tqdm(total=len(ds), desc="shard", unit="img", disable=not progress, dynamic_ncols=True)
-        pool = ThreadPoolExecutor(workers, thread_name_prefix="encode") if workers > 1 else None
-        try:
-            batches = ds.iter_batches(cfg.data.chunk_size)
-            for offset, batch, encoded in _encoded_batches(batches, pool, workers, sc):
-                for j in range(len(batch)):
-                    row = offset + j
-                    split = split_names[assignment[row]]
-                    label = int(batch.labels[j])
-                    meta = {
-                        "id": batch.ids[j],
-                        "row": row,
-                        "source_index": int(batch.source_index[j]),
-                        "label": label,
-                        "class_name": ds.class_names[label],
-                    }
-                    for name in OPTIONAL_FLOAT_FIELDS:
-                        meta[name] = _json_value(float(getattr(batch, name)[j]))
-                    writers[split].write(
-                        {
-                            "__key__": f"r{row:08d}",
-                            ext: encoded[j],
-                            "cls": str(label).encode(),
-                            "json": json.dumps(meta).encode(),
-                        }
-                    )
-                bar.update(len(batch))
-        finally:
-            bar.close()
-            for w in writers.values():
-                w.close()
-            if pool is not None:
-                pool.shutdown(cancel_futures=True)
-
+        _write_samples(cfg, ds, tmp, split_names, assignment, progress)
         manifest = _manifest(cfg, ds, tmp, labels, assignment, split_names)
         table = pa.table(
             {
-                "id": pa.array([str(i) for i in ids]),
+                "id": pa.array([str(i) for i in ds.read_column("id")]),
                 "row": pa.array(np.arange(len(ds), dtype=np.int64)),
                 "label": pa.array(labels),
                 "split": pa.array([split_names[i] for i in assignment]),
@@ -221,6 +170,59 @@ def write_shards(
         pq.write_table(table, tmp / SPLIT_TABLE)
         atomic_write_json(tmp / MANIFEST, manifest)
     return manifest
+
+
+def _write_samples(
+    cfg: Config, ds: PreparedDataset, out: Path, split_names: list[str], assignment: np.ndarray, progress: bool
+) -> None:
+    """Every row of ``ds`` as one sample of its split's shards, in row order (every split gets a shard, maybe empty)."""
+    sc: ShardConfig = cfg.shard
+    ext = IMAGE_EXTENSIONS[sc.image_format]
+    workers = sc.workers or os.cpu_count() or 1
+    writers = {
+        name: wds.ShardWriter(
+            str(out / f"{name}-%06d.tar"),
+            maxcount=sc.max_samples_per_shard,
+            maxsize=sc.max_bytes_per_shard,
+            verbose=0,
+            # fixed tar times: the same data and config give byte-identical shards; an int, because a
+            # float mtime costs every member an extra PAX header block
+            mtime=0,
+            user="astroflow",
+            group="astroflow",
+        )
+        for name in split_names
+    }
+    bar = tqdm(total=len(ds), desc="shard", unit="img", disable=not progress, dynamic_ncols=True)
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="encode") if workers > 1 else None
+    try:
+        for offset, batch, encoded in _encoded_batches(ds.iter_batches(cfg.data.chunk_size), pool, workers, sc):
+            for j in range(len(batch)):
+                row = offset + j
+                meta = json.dumps(_sample_meta(batch, j, row, ds.class_names)).encode()
+                writers[split_names[assignment[row]]].write({"__key__": f"r{row:08d}", ext: encoded[j], "json": meta})
+            bar.update(len(batch))
+    finally:
+        bar.close()
+        for w in writers.values():
+            w.close()
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+
+
+def _sample_meta(batch: RecordBatch, j: int, row: int, class_names: list[str]) -> dict[str, Any]:
+    """The JSON member of one sample: the record's fields, missing floats as null."""
+    label = int(batch.labels[j])
+    meta: dict[str, Any] = {
+        "id": batch.ids[j],
+        "row": row,
+        "source_row": int(batch.source_rows[j]),
+        "label": label,
+        "class_name": class_names[label],
+    }
+    for name in OPTIONAL_FLOAT_FIELDS:
+        meta[name] = _json_value(float(getattr(batch, name)[j]))
+    return meta
 
 
 def _encoded_batches(
@@ -272,7 +274,7 @@ def _manifest(
             ],
         }
     return {
-        "format_version": 1,
+        "format_version": FORMAT_VERSION,
         "class_names": ds.class_names,
         "num_images": len(ds),
         "image_shape": list(ds.image_shape),
@@ -305,63 +307,6 @@ def shard_urls(shards_dir: Path, split: str) -> list[str]:
     if split not in manifest["splits"]:
         raise DataError(f"{Path(shards_dir) / MANIFEST}: no split {split!r}; have {sorted(manifest['splits'])}")
     return [str(Path(shards_dir).resolve() / s["name"]) for s in manifest["splits"][split]["shards"]]
-
-
-def decode_image(sample: dict[str, Any]) -> np.ndarray:
-    """The HWC uint8 image of a raw WebDataset sample, whatever format it was written in."""
-    if "png" in sample:
-        data, kind = sample["png"], "png"
-    elif "jpg" in sample:
-        data, kind = sample["jpg"], "jpg"
-    elif "npy" in sample:
-        return np.load(io.BytesIO(sample["npy"]), allow_pickle=False)
-    else:
-        raise DataError(f"{sample.get('__url__')}: sample {sample.get('__key__')} has no image member")
-    with Image.open(io.BytesIO(data)) as im:
-        if im.mode != "RGB":
-            raise DataError(f"{sample.get('__url__')}: sample {sample.get('__key__')} .{kind} is {im.mode}, expected RGB")
-        return np.asarray(im)
-
-
-def _to_record(sample: dict[str, Any]) -> tuple[np.ndarray, int, dict[str, Any]]:
-    return decode_image(sample), int(sample["cls"]), json.loads(sample["json"])
-
-
-def make_dataset(
-    urls: list[str],
-    *,
-    shuffle_buffer: int = 0,
-    seed: int = 0,
-    split_by_node: bool = True,
-    resampled: bool = False,
-    transform: Callable[[np.ndarray], Any] | None = None,
-) -> wds.WebDataset:
-    """A WebDataset pipeline yielding ``(image, label, meta)``.
-
-    Shards are split by rank (``split_by_node``, a no-op outside torch.distributed) and by DataLoader
-    worker; ``shuffle_buffer`` > 0 shuffles shard order and samples. ``transform`` maps the HWC uint8
-    image (for example to an augmented tensor).
-    """
-    ds = wds.WebDataset(
-        urls,
-        resampled=resampled,
-        shardshuffle=100 if (shuffle_buffer > 0 and not resampled) else False,
-        nodesplitter=wds.split_by_node if split_by_node else wds.single_node_only,
-        workersplitter=wds.split_by_worker,
-        seed=seed,
-        empty_check=False,
-    )
-    if shuffle_buffer > 0:
-        ds = ds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 100), rng=None)
-    ds = ds.map(_to_record)
-    if transform is not None:
-        ds = ds.map(lambda r: (transform(r[0]), r[1], r[2]))
-    return ds
-
-
-def iter_split(shards_dir: Path, split: str) -> Iterator[tuple[np.ndarray, int, dict[str, Any]]]:
-    """Every sample of a split in written order (single process): for evaluation and tests."""
-    yield from make_dataset(shard_urls(shards_dir, split), split_by_node=False)
 
 
 def run_stage(run: StageRun) -> dict[str, Any]:

@@ -8,8 +8,9 @@ Every random draw comes from Python's ``random`` module, the generator timm's Ra
 ``RandomResizedCropAndInterpolation`` already use, so seeding it (and numpy's, which RandAugment also uses)
 at the start of an epoch makes the whole augmentation stream reproducible (see ``pipeline.learn.train``).
 
-The transform returns HWC uint8 at ``img_size``; normalisation happens batched on the device
-(:func:`normalize_batch`), with the same arithmetic as :func:`pipeline.data.transforms.eval_transform`.
+Resizing to ``img_size`` (after the optional random crop) is :func:`pipeline.data.transforms.resize`, the one
+evaluation and prediction use. The transform returns HWC uint8 at ``img_size``; normalisation happens batched on
+the device (:func:`pipeline.data.transforms.normalize_batch`, also evaluation's).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from timm.data.auto_augment import rand_augment_transform
 from timm.data.transforms import RandomResizedCropAndInterpolation
 
 from pipeline.config import TrainConfig
-from pipeline.data.transforms import normalization, normalize_
+from pipeline.data.transforms import normalization, resize_image
 
 CROP_SCALE = (0.8, 1.0)
 CROP_RATIO = (3 / 4, 4 / 3)
@@ -53,12 +54,14 @@ def rotate_crop(image: Image.Image, angle_deg: float) -> Image.Image:
     return rotated.crop((left, top, left + side, top + side))
 
 
-def resize(image: Image.Image, img_size: int) -> Image.Image:
-    """Area averaging when shrinking (as ``eval_transform``), bilinear when enlarging."""
-    if image.size == (img_size, img_size):
-        return image
-    shrink = image.size[0] > img_size
-    return image.resize((img_size, img_size), Image.Resampling.BOX if shrink else Image.Resampling.BILINEAR)
+def random_crop(image: np.ndarray) -> np.ndarray:
+    """timm's RandomResizedCrop box (area 0.8-1, aspect 3/4-4/3, the same random draws), cut without resampling.
+
+    Only the box comes from timm: the resize that follows is the shared one, not timm's Pillow bilinear.
+    """
+    chw = torch.from_numpy(image).permute(2, 0, 1)  # a view: timm reads the size of a CHW tensor
+    top, left, height, width = RandomResizedCropAndInterpolation.get_params(chw, CROP_SCALE, CROP_RATIO)
+    return image[top : top + height, left : left + width]
 
 
 class TrainTransform:
@@ -68,11 +71,7 @@ class TrainTransform:
         self.rotation = train.rotation
         self.hflip = train.hflip
         self.img_size = img_size
-        self.crop = (
-            RandomResizedCropAndInterpolation(img_size, scale=CROP_SCALE, ratio=CROP_RATIO, interpolation="bilinear")
-            if train.random_resized_crop
-            else None
-        )
+        self.crop = train.random_resized_crop
         self.randaugment = None
         if train.randaugment:
             mean, _ = normalization(train.input_range)
@@ -89,20 +88,16 @@ class TrainTransform:
             image = d4_transform(image, random.randrange(4), random.random() < 0.5)
         if self.hflip and random.random() < 0.5:
             image = np.ascontiguousarray(image[:, ::-1])
-        pil = Image.fromarray(image)
         if self.rotation == "any":
-            pil = rotate_crop(pil, random.uniform(0.0, 360.0))
-        pil = self.crop(pil) if self.crop is not None else resize(pil, self.img_size)
+            image = np.array(rotate_crop(Image.fromarray(image), random.uniform(0.0, 360.0)))  # writable, for torch
+        if self.crop:
+            image = random_crop(image)
+        image = resize_image(image, self.img_size)
         if self.randaugment is not None:
-            pil = self.randaugment(pil)
-        return np.asarray(pil)
+            image = np.asarray(self.randaugment(Image.fromarray(image)))
+        return image
 
 
 def train_transform(train: TrainConfig, img_size: int) -> Callable[[np.ndarray], np.ndarray]:
     """The configured training augmentation (see :class:`TrainTransform`)."""
     return TrainTransform(train, img_size)
-
-
-def normalize_batch(images: torch.Tensor, input_range: str) -> torch.Tensor:
-    """NCHW uint8 -> normalised float, with ``eval_transform``'s arithmetic so train and eval inputs agree."""
-    return normalize_(images.to(torch.float32, copy=True).div_(255.0), input_range)

@@ -33,12 +33,24 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
-def load_checkpoint(path: str | Path, *, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+def read_checkpoint(path: str | Path, *, map_location: str | torch.device = "cpu") -> tuple[dict[str, Any], str]:
+    """(payload, model id) from one read of the file: the id hashes the very bytes that were loaded."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
+    data = path.read_bytes()
+    payload = _parse(data, path, map_location)
+    h = hashlib.sha256(data).hexdigest()[:16]
+    return payload, f"{payload['model_name']}-{stable_hash({'weights': h, 'config': payload['config']})}"
+
+
+def load_checkpoint(path: str | Path, *, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    return read_checkpoint(path, map_location=map_location)[0]
+
+
+def _parse(data: bytes, path: Path, map_location: str | torch.device) -> dict[str, Any]:
     try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
+        payload = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
     except Exception as exc:  # torch raises many types for truncated/corrupt/unsafe files
         raise CheckpointError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {str(exc)[:200]})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
@@ -59,15 +71,12 @@ def checkpoint_config(payload: dict[str, Any], path: str | Path = "<checkpoint>"
 
 def model_id(path: str | Path) -> str:
     """Identity of a trained model: hash of the checkpoint's weights file and its config."""
-    payload = load_checkpoint(path)
-    h = hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
-    return f"{payload['model_name']}-{stable_hash({'weights': h, 'config': payload['config']})}"
+    return read_checkpoint(path)[1]
 
 
 def build_model(payload: dict[str, Any], *, path: str | Path = "<checkpoint>") -> torch.nn.Module:
     """The network described by a checkpoint, with its weights loaded, in eval mode."""
-    import models  # noqa: F401  registers the Astroformer family in timm
-    from models.summary import create_model
+    from models.factory import create_model  # importing it registers the Astroformer family in timm
 
     model = create_model(
         payload["model_name"], num_classes=len(payload["class_names"]), img_size=int(payload["img_size"])

@@ -12,8 +12,6 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from pipeline import runtime
-
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -40,15 +38,6 @@ def dist_env() -> DistInfo:
         world_size=int(os.environ.get("WORLD_SIZE", 1)),
         local_rank=int(os.environ.get("LOCAL_RANK", 0)),
     )
-
-
-def resolve_device(name: str, info: DistInfo | None = None) -> torch.device:
-    """``pipeline.runtime.resolve_device`` plus this process's GPU index (``LOCAL_RANK``) for a bare ``cuda``."""
-    info = info or dist_env()
-    device = runtime.resolve_device(name, "train.device")
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", info.local_rank)
-    return device
 
 
 def init_distributed(device: torch.device) -> tuple[DistInfo, bool]:

@@ -12,37 +12,18 @@ the same machine, ``train.workers`` and world size (the data order depends on th
 the thread count).
 
 Data. Each rank runs ``train_samples // (world_size * batch_size)`` steps per epoch (every rank the same
-number, as DDP requires). The reading work is split into units: each shard, cut into ``ceil(slots / shards)``
-interleaved parts when there are fewer shards than reader slots (ranks x workers), so every slot gets work and
-every sample belongs to exactly one unit. Units are dealt to slots after a per-epoch shuffle; a slot cycles
-through its units (re-dealt each cycle) until it has produced its share of batches, so ranks whose shards hold
-fewer samples top up from the next cycle instead of stalling the others.
-
-Class-stratified batches (``train.stratified_batches``). Each slot keeps its shuffled samples in per-class
-FIFO queues. A batch takes the oldest queued sample of every class present in the training split, then fills
-its remaining ``batch_size - num_classes`` places with the oldest queued samples whatever their class, so
-class frequencies otherwise follow the data. Queues fill until every class has a sample or the buffer reaches
-``max(shuffle_buffer, 4 * batch_size)`` samples; a class still missing then reuses one of its recently emitted
-samples (a class rarer than one per batch is thus oversampled by replay rather than dropped).
+number, as DDP requires), read by the shard reader (:mod:`pipeline.data.reader`: reader slots over ranks and
+workers, shuffle buffers, and with ``train.stratified_batches`` batches that hold every class present in the
+training split).
 """
 
 from __future__ import annotations
 
-import argparse
-import csv
-import hashlib
-import io
-import itertools
 import json
 import logging
 import math
 import os
-import random
-import sys
 import time
-import warnings
-from collections import deque
-from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,17 +32,15 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-import webdataset as wds
 from timm.data import Mixup
-from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
-from timm.scheduler import StepLRScheduler, create_scheduler_v2
 from timm.utils import ModelEmaV3
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm.auto import tqdm
 
-from pipeline.learn.augment import normalize_batch, train_transform
+from pipeline.learn.augment import train_transform
+from pipeline.learn.outputs import summary, weights_digest, write_history
+from pipeline.learn.recipe import amp_dtype, build_scheduler, build_train_model, loss_and_mixup
 from pipeline.learn.checkpoint import (
     check_compatible,
     load_checkpoint,
@@ -69,22 +48,24 @@ from pipeline.learn.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from pipeline.config import Config, load_config
+from pipeline.config import Config
 from pipeline.learn.distributed import (
     DistInfo,
     all_reduce_sum,
     broadcast_flag,
     broadcast_state,
     destroy_distributed,
+    dist_env,
     init_distributed,
-    resolve_device,
 )
-from pipeline.errors import AstroflowError, CheckpointError, ConfigError, DataError
-from pipeline.io import atomic_write_json, atomic_write_text
+from pipeline.errors import CheckpointError, ConfigError, DataError
+from pipeline.io import atomic_write_json
 from pipeline.layout import StageRun
-from pipeline.runtime import compute_threads
-from pipeline.data.shards import decode_image, load_manifest, shard_urls
-from pipeline.data.transforms import eval_transform
+from pipeline.runtime import compute_threads, resolve_device
+from pipeline.score import metrics as M
+from pipeline.data.reader import MAIN_STREAM, StreamSpec, make_loader, seed_everything
+from pipeline.data.shards import load_manifest, shard_urls
+from pipeline.data.transforms import eval_transform, normalize_batch
 
 log = logging.getLogger(__name__)
 
@@ -92,329 +73,8 @@ LAST = "last.pt"
 BEST = "best.pt"
 HISTORY = "history.csv"
 METRICS = "metrics.json"
-HISTORY_COLUMNS = ("epoch", "train_loss", "val_loss", "val_top1", "val_macro_f1", "lr", "images_per_s")
-REPLAY_PER_CLASS = 16
 VAL_MIN_BATCH = 64
 LOSS_SYNC_EVERY = 10  # steps between GPU->host syncs of the running loss (progress bar only; every step on CPU)
-
-Sample = tuple[dict[str, Any], int]
-
-# Seed streams: one purpose per tag so no two consumers share a random sequence.
-_MAIN, _WORKER, _UNITS, _BUFFER, _LOADER = range(5)
-
-
-def seed_int(*parts: int) -> int:
-    """A 32-bit seed that depends on every part (numpy's SeedSequence hashing, no collisions by addition)."""
-    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
-
-
-def seed_everything(*parts: int) -> None:
-    """Seed Python's, numpy's and torch's global generators: timm's augmentations and mixup draw from them."""
-    s = seed_int(*parts)
-    random.seed(s)
-    np.random.seed(s)
-    torch.manual_seed(s)
-
-
-# ---------------------------------------------------------------- data
-
-
-@dataclass(frozen=True)
-class StreamSpec:
-    """What one rank's loader reads in one epoch; ``steps=None`` means a single ordered pass (validation)."""
-
-    urls: tuple[str, ...]
-    batch_size: int
-    rank: int = 0
-    world_size: int = 1
-    seed: int = 0
-    epoch: int = 0
-    steps: int | None = None
-    shuffle_buffer: int = 0
-    stratify: tuple[int, ...] = ()
-
-    @property
-    def train(self) -> bool:
-        return self.steps is not None
-
-
-def _units(num_shards: int, slots: int) -> list[tuple[int, int, int]]:
-    """(shard, part, parts): enough units that every reader slot gets at least one."""
-    parts = max(1, math.ceil(slots / num_shards))
-    return [(s, p, parts) for s in range(num_shards) for p in range(parts)]
-
-
-def _read_unit(url: str, part: int, parts: int) -> Iterator[Sample]:
-    for i, sample in enumerate(wds.tariterators.tarfile_samples([{"url": url}])):
-        if i % parts == part:
-            yield sample, int(sample["cls"])
-
-
-def slot_samples(spec: StreamSpec, slot: int, slots: int) -> Iterator[Sample]:
-    """The raw samples of one reader slot: one ordered pass (validation) or shuffled cycles without end (training)."""
-    units = _units(len(spec.urls), slots)
-    for cycle in itertools.count():
-        order = list(units)
-        if spec.train:
-            random.Random(seed_int(spec.seed, spec.epoch, _UNITS, cycle)).shuffle(order)
-        produced = 0
-        for shard, part, parts in order[slot::slots]:
-            for item in _read_unit(spec.urls[shard], part, parts):
-                produced += 1
-                yield item
-        if not spec.train:
-            return
-        if produced == 0:
-            raise DataError(f"reader slot {slot} of {slots} got no training samples from {len(spec.urls)} shard(s)")
-
-
-def plain_batches(samples: Iterator[Sample], batch_size: int) -> Iterator[list[Sample]]:
-    while batch := list(itertools.islice(samples, batch_size)):
-        yield batch
-
-
-def stratified_batches(
-    samples: Iterator[Sample],
-    batch_size: int,
-    classes: Sequence[int],
-    rng: random.Random,
-    max_buffer: int,
-) -> Iterator[list[Sample]]:
-    """Batches that each hold every class in ``classes`` (see the module docstring for the exact rule)."""
-    if batch_size < len(classes):
-        raise ValueError(f"batch_size ({batch_size}) must be >= the {len(classes)} classes for stratified batches")
-    queues: dict[int, deque[tuple[int, Sample]]] = {c: deque() for c in classes}
-    replay: dict[int, deque[Sample]] = {c: deque(maxlen=REPLAY_PER_CLASS) for c in classes}
-    arrival = itertools.count()
-    buffered = 0
-    exhausted = False
-    warned: set[int] = set()
-    while True:
-        while not exhausted and buffered < max_buffer and (
-            buffered < batch_size or any(not queues[c] for c in classes)
-        ):
-            item = next(samples, None)
-            if item is None:
-                exhausted = True
-                break
-            queues.setdefault(item[1], deque()).append((next(arrival), item))
-            buffered += 1
-        if buffered == 0:
-            return
-        batch: list[Sample] = []
-
-        def take(c: int) -> None:
-            nonlocal buffered
-            item = queues[c].popleft()[1]
-            buffered -= 1
-            if c in replay:
-                replay[c].append(item)
-            batch.append(item)
-
-        for c in classes:
-            if queues[c]:
-                take(c)
-            elif replay[c]:
-                batch.append(rng.choice(replay[c]))
-            elif c not in warned:
-                warned.add(c)
-                log.warning("class %d not seen within %d buffered samples: some batches lack it", c, max_buffer)
-        while len(batch) < batch_size and buffered > 0:
-            take(min((q[0][0], c) for c, q in queues.items() if q)[1])
-        if exhausted and len(batch) < batch_size:
-            if batch:
-                yield batch
-            return
-        rng.shuffle(batch)
-        yield batch
-
-
-def _collate(images: list[np.ndarray | torch.Tensor], labels: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    y = torch.tensor(labels, dtype=torch.int64)
-    if isinstance(images[0], torch.Tensor):
-        return torch.stack(images), y
-    # NHWC uint8 viewed as NCHW: channels_last strides, no copy; normalised later on the device
-    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2), y
-
-
-class ShardStream(IterableDataset):
-    """One rank's batches for one epoch; each DataLoader worker is one reader slot (see the module docstring)."""
-
-    def __init__(self, spec: StreamSpec, transform: Callable[[np.ndarray], Any]) -> None:
-        super().__init__()
-        self.spec = spec
-        self.transform = transform
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        spec = self.spec
-        info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        slot, slots = spec.rank * workers + worker, spec.world_size * workers
-        samples = slot_samples(spec, slot, slots)
-        if spec.train:
-            seed_everything(spec.seed, spec.epoch, _WORKER, slot)
-            rng = random.Random(seed_int(spec.seed, spec.epoch, _BUFFER, slot))
-            if spec.shuffle_buffer > 1:
-                samples = wds.filters.shuffle(spec.shuffle_buffer, spec.shuffle_buffer, rng=rng)(samples)
-            if spec.stratify:
-                max_buffer = max(spec.shuffle_buffer, 4 * spec.batch_size)
-                batches = stratified_batches(samples, spec.batch_size, spec.stratify, rng, max_buffer)
-            else:
-                batches = plain_batches(samples, spec.batch_size)
-            assert spec.steps is not None
-            count = spec.steps // workers + (worker < spec.steps % workers)
-            batches = itertools.islice(batches, count)
-        else:
-            batches = plain_batches(samples, spec.batch_size)
-        for batch in batches:
-            # decode_image's array is read-only (PIL's buffer); torch warns on wrapping those, so copy
-            images = [self.transform(np.array(decode_image(s))) for s, _ in batch]
-            yield _collate(images, [label for _, label in batch])
-
-
-def make_loader(spec: StreamSpec, transform: Callable[[np.ndarray], Any], workers: int, pin_memory: bool) -> DataLoader:
-    """A fresh loader per epoch: workers are forked with that epoch's spec and seeded from it."""
-    generator = torch.Generator().manual_seed(seed_int(spec.seed, spec.epoch, _LOADER))
-    return DataLoader(
-        ShardStream(spec, transform),
-        batch_size=None,
-        num_workers=workers,
-        pin_memory=pin_memory,
-        generator=generator,
-        prefetch_factor=4 if workers > 0 else None,
-        persistent_workers=False,
-    )
-
-
-# ---------------------------------------------------------------- metrics
-
-
-def confusion_matrix(labels: torch.Tensor, preds: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """Rows = true class, columns = predicted, as int64 counts (summable across ranks exactly)."""
-    idx = labels.to(torch.int64) * num_classes + preds.to(torch.int64)
-    return torch.bincount(idx, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
-
-
-def top1_macro_f1(cm: torch.Tensor) -> tuple[float, float]:
-    """Top-1 accuracy and macro F1 over the classes present as a label or a prediction (as ``pipeline.score.metrics``)."""
-    cm = cm.to(torch.float64)
-    total = cm.sum()
-    if total == 0:
-        return float("nan"), float("nan")
-    tp = cm.diagonal()
-    denom = cm.sum(0) + cm.sum(1)
-    f1 = torch.where(denom > 0, 2 * tp / denom.clamp_min(1), torch.zeros_like(tp))
-    present = denom > 0
-    return float(tp.sum() / total), float(f1[present].mean())
-
-
-# ---------------------------------------------------------------- recipe
-
-
-def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype, or None (with a warning) where this device cannot run it."""
-    if amp == "none":
-        return None
-    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
-    try:
-        if not torch.amp.is_autocast_available(device.type):
-            raise RuntimeError(f"autocast is not available on {device.type}")
-        layer = torch.nn.Linear(4, 4).to(device)
-        with torch.autocast(device_type=device.type, dtype=dtype):
-            out = layer(torch.ones(2, 4, device=device))
-        out.float().sum().backward()
-        if dtype == torch.float16:
-            torch.amp.GradScaler(device.type)
-    except Exception as exc:  # each backend fails its own way; all mean "not supported here"
-        warnings.warn(f"train.amp={amp} is not supported on {device}: training in float32 ({exc})", stacklevel=2)
-        return None
-    return dtype
-
-
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Config, updates_per_epoch: int) -> Any:
-    """timm scheduler from ``cfg.train``; 'exponential' decays by ``decay_rate`` every ``decay_steps`` updates, smoothly."""
-    t = cfg.train
-    if t.sched == "exponential":
-        decay_steps = t.decay_steps or updates_per_epoch
-        return StepLRScheduler(
-            optimizer,
-            decay_t=1,
-            decay_rate=t.decay_rate ** (1.0 / decay_steps),
-            warmup_t=t.warmup_epochs * updates_per_epoch,
-            warmup_lr_init=t.warmup_lr,
-            t_in_epochs=False,
-        )
-    scheduler, _ = create_scheduler_v2(
-        optimizer,
-        sched=t.sched,
-        num_epochs=t.epochs,
-        decay_rate=t.decay_rate,
-        min_lr=t.min_lr,
-        warmup_lr=t.warmup_lr,
-        warmup_epochs=t.warmup_epochs,
-        step_on_epochs=not t.sched_on_updates,
-        updates_per_epoch=updates_per_epoch,
-    )
-    return scheduler
-
-
-def build_train_model(cfg: Config, num_classes: int) -> torch.nn.Module:
-    """The configured network; offline ``pretrained: true`` falls back to random initialisation."""
-    import models  # noqa: F401  registers the Astroformer family in timm
-    from models.summary import create_model
-
-    m = cfg.model
-    kwargs: dict[str, Any] = {"drop_rate": m.drop_rate} if m.drop_rate else {}
-    try:
-        return create_model(
-            m.name, num_classes=num_classes, img_size=m.img_size, drop_path_rate=m.drop_path_rate,
-            pretrained=m.pretrained, **kwargs,
-        )
-    except RuntimeError as exc:
-        if m.pretrained is not True:
-            raise
-        log.warning("pretrained weights unavailable, training from scratch (%s)", str(exc)[:200])
-        return create_model(m.name, num_classes=num_classes, img_size=m.img_size, drop_path_rate=m.drop_path_rate, **kwargs)
-
-
-# ---------------------------------------------------------------- outputs
-
-
-def _write_history(path: Path, history: list[dict[str, Any]]) -> None:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=HISTORY_COLUMNS, lineterminator="\n")
-    writer.writeheader()
-    for row in history:
-        writer.writerow({k: row[k] for k in HISTORY_COLUMNS})
-    atomic_write_text(path, buf.getvalue())
-
-
-def weights_digest(model: torch.nn.Module) -> str:
-    """SHA256 of every parameter and buffer: identifies the trained weights, and shows ranks ended in agreement."""
-    h = hashlib.sha256()
-    for name, tensor in model.state_dict().items():
-        h.update(name.encode())
-        h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
-def _summary(state: dict[str, Any], cfg: Config, params: int, world_size: int) -> dict[str, Any]:
-    history = state["history"]
-    best = next((h for h in history if h["epoch"] == state["best_epoch"]), None)
-    speeds = [h["images_per_s"] for h in history]
-    return {
-        "model": cfg.model.name,
-        "params": params,
-        "metric": cfg.train.metric,
-        "best_epoch": state["best_epoch"],
-        "best": None if best is None else {k: best[k] for k in ("val_loss", "val_top1", "val_macro_f1")},
-        "final": history[-1] if history else None,
-        "epochs_run": len(history),
-        "stopped_early": state["stopped_early"],
-        "wall_time_s": round(state["wall_time_s"], 2),
-        "images_per_s": round(sum(speeds) / len(speeds), 2) if speeds else None,
-        "world_size": world_size,
-    }
 
 
 # ---------------------------------------------------------------- the stage
@@ -529,67 +189,73 @@ def _restore(run: _Run, path: Path) -> None:
         raise CheckpointError(f"{path}: cannot resume from it: {type(exc).__name__}: {str(exc)[:300]}") from None
 
 
-def _train_epoch(run: _Run, mixup: Mixup | None, loss_fn: torch.nn.Module, progress: bool) -> dict[str, float]:
+def _epoch_loader(run: _Run) -> Any:
+    """This epoch's training batches on this rank: order and augmentation drawn from ``(train.seed, epoch)``."""
     cfg, t = run.cfg, run.cfg.train
-    seed_everything(t.seed, run.epoch, _MAIN, run.info.rank)
+    seed_everything(t.seed, run.epoch, MAIN_STREAM, run.info.rank)
     spec = StreamSpec(
-        urls=run.train_urls,
-        batch_size=t.batch_size,
-        rank=run.info.rank,
-        world_size=run.info.world_size,
-        seed=t.seed,
-        epoch=run.epoch,
-        steps=run.steps,
-        shuffle_buffer=t.shuffle_buffer,
-        stratify=run.stratify,
+        urls=run.train_urls, batch_size=t.batch_size, rank=run.info.rank, world_size=run.info.world_size, seed=t.seed,
+        epoch=run.epoch, steps=run.steps, shuffle_buffer=t.shuffle_buffer, stratify=run.stratify,
     )
-    loader = make_loader(spec, train_transform(t, cfg.model.img_size), t.workers, run.device.type == "cuda")
+    return make_loader(spec, train_transform(t, cfg.model.img_size), t.workers, run.device.type == "cuda")
+
+
+def _step(run: _Run, loss: torch.Tensor) -> None:
+    """Backward, optional clipping (after unscaling), optimizer, scheduler and EMA updates for one batch."""
+    t = run.cfg.train
+    run.optimizer.zero_grad(set_to_none=True)
+    if run.scaler is not None:
+        run.scaler.scale(loss).backward()
+        if t.grad_clip:
+            run.scaler.unscale_(run.optimizer)
+            torch.nn.utils.clip_grad_norm_(run.model.parameters(), t.grad_clip)
+        run.scaler.step(run.optimizer)
+        run.scaler.update()
+    else:
+        loss.backward()
+        if t.grad_clip:
+            torch.nn.utils.clip_grad_norm_(run.model.parameters(), t.grad_clip)
+        run.optimizer.step()
+    run.num_updates += 1
+    if run.scheduler is not None:
+        run.scheduler.step_update(num_updates=run.num_updates)
+    if run.ema is not None:
+        run.ema.update(run.model, step=run.num_updates)
+
+
+def _train_epoch(run: _Run, mixup: Mixup | None, loss_fn: torch.nn.Module, progress: bool) -> dict[str, float]:
+    t = run.cfg.train
+    loader = _epoch_loader(run)
     run.net.train()
     fmt = torch.channels_last if t.channels_last else torch.contiguous_format
     loss_sum = torch.zeros((), dtype=torch.float64, device=run.device)
-    lr_sum = 0.0
-    seen = 0
-    bar = tqdm(
-        total=run.steps, desc=f"epoch {run.epoch + 1}/{t.epochs}", unit="step",
-        disable=not (progress and run.info.is_main), dynamic_ncols=True, leave=False,
-    )
+    lr_sum, seen = 0.0, 0
+    show = progress and run.info.is_main
+    bar = tqdm(total=run.steps, desc=f"epoch {run.epoch + 1}/{t.epochs}", unit="step", disable=not show, dynamic_ncols=True, leave=False)
     start = time.perf_counter()
-    for step, (images, labels) in enumerate(loader):
+    for step, (images, labels, _, _) in enumerate(loader):
         x = normalize_batch(images.to(run.device, non_blocking=True), t.input_range).contiguous(memory_format=fmt)
         y = labels.to(run.device, non_blocking=True)
         if mixup is not None:
             x, y = mixup(x, y)
         with run.autocast():
             loss = loss_fn(run.net(x), y)
-        run.optimizer.zero_grad(set_to_none=True)
-        if run.scaler is not None:
-            run.scaler.scale(loss).backward()
-            if t.grad_clip:
-                run.scaler.unscale_(run.optimizer)
-                torch.nn.utils.clip_grad_norm_(run.model.parameters(), t.grad_clip)
-            run.scaler.step(run.optimizer)
-            run.scaler.update()
-        else:
-            loss.backward()
-            if t.grad_clip:
-                torch.nn.utils.clip_grad_norm_(run.model.parameters(), t.grad_clip)
-            run.optimizer.step()
-        run.num_updates += 1
         lr_sum += run.optimizer.param_groups[0]["lr"]
-        if run.scheduler is not None:
-            run.scheduler.step_update(num_updates=run.num_updates)
-        if run.ema is not None:
-            run.ema.update(run.model, step=run.num_updates)
+        _step(run, loss)
         loss_sum += loss.detach().to(torch.float64)
         seen += len(labels)
         bar.update(1)
-        if progress and run.info.is_main and (run.device.type == "cpu" or (step + 1) % LOSS_SYNC_EVERY == 0):
+        if show and (run.device.type == "cpu" or (step + 1) % LOSS_SYNC_EVERY == 0):
             elapsed = time.perf_counter() - start
             bar.set_postfix(loss=f"{float(loss_sum) / (step + 1):.4f}", img_s=f"{seen * run.info.world_size / elapsed:.1f}")
     bar.close()
+    return _end_epoch(run, loss_sum, lr_sum, seen, time.perf_counter() - start)
+
+
+def _end_epoch(run: _Run, loss_sum: torch.Tensor, lr_sum: float, seen: int, elapsed: float) -> dict[str, float]:
+    """Sync Lookahead and the ranks' weights; the epoch's mean loss, mean lr and images/s over all ranks."""
     if hasattr(run.optimizer, "sync_lookahead"):
         run.optimizer.sync_lookahead()
-    elapsed = time.perf_counter() - start
     steps_done = max(1, run.steps)
     totals = all_reduce_sum(torch.stack([loss_sum, torch.tensor(float(seen), dtype=torch.float64, device=run.device)]))
     broadcast_state(run.model)
@@ -603,8 +269,12 @@ def _train_epoch(run: _Run, mixup: Mixup | None, loss_fn: torch.nn.Module, progr
 
 
 @torch.inference_mode()
-def validate(run: _Run) -> dict[str, float]:
-    """One pass over the val split (split across ranks and workers); loss and confusion summed over ranks."""
+def validation_pass(run: _Run) -> dict[str, float]:
+    """One pass over the val split (split across ranks and workers); loss and confusion summed over ranks.
+
+    Each rank's confusion matrix comes from ``pipeline.score.metrics`` (the code ``evaluate`` reports with);
+    int64 counts sum across ranks exactly, so every rank then derives the same top-1 and macro-F1.
+    """
     cfg = run.cfg
     net = run.ema.module if run.ema is not None else run.model
     net.eval()
@@ -614,20 +284,19 @@ def validate(run: _Run) -> dict[str, float]:
     spec = StreamSpec(urls=run.val_urls, batch_size=batch, rank=run.info.rank, world_size=run.info.world_size)
     loader = make_loader(spec, eval_transform(cfg.model.img_size, cfg.train.input_range), cfg.train.workers, False)
     fmt = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
-    cm = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=run.device)
+    cm = np.zeros((num_classes, num_classes), dtype=np.int64)
     loss_sum = torch.zeros((), dtype=torch.float64, device=run.device)
-    for images, labels in loader:
+    for images, labels, _, _ in loader:
         x = images.to(run.device).contiguous(memory_format=fmt)
         y = labels.to(run.device)
         with run.autocast():
             logits = net(x)
         loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").to(torch.float64)
-        cm += confusion_matrix(y, logits.argmax(dim=1), num_classes)
-    all_reduce_sum(cm)
+        cm += M.confusion_matrix(labels, logits.argmax(dim=1), num_classes)
+    cm = all_reduce_sum(torch.from_numpy(cm).to(run.device)).cpu().numpy()
     all_reduce_sum(loss_sum)
-    top1, f1 = top1_macro_f1(cm)
     n = int(cm.sum())
-    return {"val_loss": float(loss_sum) / n if n else float("nan"), "val_top1": top1, "val_macro_f1": f1}
+    return {"val_loss": float(loss_sum) / n if n else float("nan"), "val_top1": M.accuracy(cm), "val_macro_f1": M.macro_f1(cm)}
 
 
 def _setup(cfg: Config, shards_dir: Path, info: DistInfo, device: torch.device) -> _Run:
@@ -688,7 +357,7 @@ def train(cfg: Config, shards_dir: Path, out_dir: Path, *, resume: bool = False,
     Under torchrun every rank calls this; only rank 0 writes. Returns the metrics.json content.
     """
     shards_dir, out_dir = Path(shards_dir), Path(out_dir)
-    device = resolve_device(cfg.train.device)
+    device = resolve_device(cfg.train.device, "train.device", dist_env().local_rank)
     if device.type == "cpu":
         torch.set_num_threads(compute_threads(0, cfg.train.workers))
     info, created = init_distributed(device)
@@ -698,14 +367,9 @@ def train(cfg: Config, shards_dir: Path, out_dir: Path, *, resume: bool = False,
         destroy_distributed(created)
 
 
-def _train(
-    cfg: Config, shards_dir: Path, out_dir: Path, info: DistInfo, device: torch.device, *, resume: bool, progress: bool
-) -> dict[str, Any]:
-    t = cfg.train
-    _configure_determinism(t.deterministic, device)
+def _start(cfg: Config, shards_dir: Path, last: Path, info: DistInfo, device: torch.device, resume: bool) -> _Run:
+    """The run at its first epoch: built, restored from ``last`` when resuming, wrapped for DDP and compile."""
     run = _setup(cfg, shards_dir, info, device)
-    params = sum(p.numel() for p in run.model.parameters())
-    last = out_dir / LAST
     if resume:
         if last.is_file():
             _restore(run, last)
@@ -716,24 +380,68 @@ def _train(
     if run.scheduler is not None:
         run.scheduler.step(run.epoch)
         run.scheduler.step_update(run.num_updates)
-
     if info.enabled:
         run.net = DistributedDataParallel(run.model, device_ids=[device.index] if device.type == "cuda" else None)
-    if t.compile:
+    if cfg.train.compile:
         run.net = torch.compile(run.net)
+    return run
 
-    mixup = None
-    if t.mixup_alpha > 0 or t.cutmix_alpha > 0:
-        mixup = Mixup(
-            mixup_alpha=t.mixup_alpha, cutmix_alpha=t.cutmix_alpha, label_smoothing=t.label_smoothing,
-            num_classes=len(run.class_names),
-        )
-        loss_fn: torch.nn.Module = SoftTargetCrossEntropy()
-    elif t.label_smoothing > 0:
-        loss_fn = LabelSmoothingCrossEntropy(smoothing=t.label_smoothing)
+
+def _record_epoch(run: _Run, stats: dict[str, float], val: dict[str, float]) -> tuple[dict[str, Any], bool]:
+    """Advance the epoch; append its history row; track the best epoch and early stopping (agreed by all ranks)."""
+    t = run.cfg.train
+    run.epoch += 1
+    score = val[f"val_{t.metric}"]
+    if run.scheduler is not None:
+        run.scheduler.step(run.epoch, score)
+    row = {
+        "epoch": run.epoch,
+        "train_loss": round(stats["train_loss"], 6),
+        **{k: round(v, 6) for k, v in val.items()},
+        "lr": stats["lr"],
+        "images_per_s": round(stats["images_per_s"], 2),
+    }
+    run.history.append(row)
+    improved = score > run.best_metric
+    if improved:
+        run.best_metric, run.best_epoch, run.bad_epochs = score, run.epoch, 0
     else:
-        loss_fn = torch.nn.CrossEntropyLoss()
+        run.bad_epochs += 1
+    stop = t.early_stopping_patience > 0 and run.bad_epochs >= t.early_stopping_patience
+    run.stopped_early = broadcast_flag(stop, run.device)
+    return row, improved
 
+
+def _write_epoch(run: _Run, out_dir: Path, row: dict[str, Any], improved: bool, params: int, progress: bool) -> None:
+    """Rank 0: best.pt when improved, last.pt, history and summary, and one log line."""
+    t = run.cfg.train
+    if improved:
+        weights = (run.ema.module if run.ema is not None else run.model).state_dict()
+        save_checkpoint(out_dir / BEST, {**run.common_payload(), "kind": "inference", "model": weights, "metrics": row})
+    save_checkpoint(out_dir / LAST, run.resume_payload())
+    write_history(out_dir / HISTORY, run.history)
+    atomic_write_json(out_dir / METRICS, summary(run.state(), run.cfg, params, run.info.world_size))
+    line = (
+        f"epoch {run.epoch}/{t.epochs}: train_loss {row['train_loss']:.4f} val_loss {row['val_loss']:.4f} "
+        f"top1 {row['val_top1']:.4f} macro_f1 {row['val_macro_f1']:.4f} lr {row['lr']:.2e} "
+        f"{row['images_per_s']:.1f} img/s{' (best)' if improved else ''}"
+    )
+    if progress:  # beside the progress bars, whether or not the caller configured logging
+        tqdm.write(line)
+    else:
+        log.info(line)
+    if run.stopped_early:
+        log.info("early stopping: no %s improvement for %d epochs; best.pt holds epoch %d", t.metric, run.bad_epochs, run.best_epoch)
+
+
+def _train(
+    cfg: Config, shards_dir: Path, out_dir: Path, info: DistInfo, device: torch.device, *, resume: bool, progress: bool
+) -> dict[str, Any]:
+    t = cfg.train
+    _configure_determinism(t.deterministic, device)
+    run = _start(cfg, shards_dir, out_dir / LAST, info, device, resume)
+    params = sum(p.numel() for p in run.model.parameters())
+    loss_fn, mixup = loss_and_mixup(t, len(run.class_names))
     if info.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         log.info(
@@ -743,54 +451,16 @@ def _train(
     while run.epoch < t.epochs and not run.stopped_early:
         epoch_start = time.perf_counter()
         stats = _train_epoch(run, mixup, loss_fn, progress)
-        val = validate(run)
-        run.epoch += 1
-        if run.scheduler is not None:
-            run.scheduler.step(run.epoch, val[f"val_{t.metric}"])
-        row = {
-            "epoch": run.epoch,
-            "train_loss": round(stats["train_loss"], 6),
-            **{k: round(v, 6) for k, v in val.items()},
-            "lr": stats["lr"],
-            "images_per_s": round(stats["images_per_s"], 2),
-        }
-        run.history.append(row)
-        score = val[f"val_{t.metric}"]
-        improved = score > run.best_metric
-        if improved:
-            run.best_metric, run.best_epoch, run.bad_epochs = score, run.epoch, 0
-        else:
-            run.bad_epochs += 1
-        stop = t.early_stopping_patience > 0 and run.bad_epochs >= t.early_stopping_patience
-        run.stopped_early = broadcast_flag(stop, device)
+        row, improved = _record_epoch(run, stats, validation_pass(run))
         run.wall_time_s += time.perf_counter() - epoch_start  # train + validation; checkpoint writes excluded
         if info.is_main:
-            if improved:
-                weights = (run.ema.module if run.ema is not None else run.model).state_dict()
-                save_checkpoint(out_dir / BEST, {**run.common_payload(), "kind": "inference", "model": weights, "metrics": row})
-            save_checkpoint(last, run.resume_payload())
-            _write_history(out_dir / HISTORY, run.history)
-            atomic_write_json(out_dir / METRICS, _summary(run.state(), cfg, params, info.world_size))
-            line = (
-                f"epoch {run.epoch}/{t.epochs}: train_loss {row['train_loss']:.4f} val_loss {row['val_loss']:.4f} "
-                f"top1 {row['val_top1']:.4f} macro_f1 {row['val_macro_f1']:.4f} lr {row['lr']:.2e} "
-                f"{row['images_per_s']:.1f} img/s{' (best)' if improved else ''}"
-            )
-            if progress:  # beside the progress bars, whether or not the caller configured logging
-                tqdm.write(line)
-            else:
-                log.info(line)
-            if run.stopped_early:
-                log.info(
-                    "early stopping: no %s improvement for %d epochs; best.pt holds epoch %d",
-                    t.metric, run.bad_epochs, run.best_epoch,
-                )
-    summary = {**_summary(run.state(), cfg, params, info.world_size), "weights_sha256": weights_digest(run.model)}
+            _write_epoch(run, out_dir, row, improved, params, progress)
+    final = {**summary(run.state(), cfg, params, info.world_size), "weights_sha256": weights_digest(run.model)}
     if info.is_main:
         if run.history:
-            _write_history(out_dir / HISTORY, run.history)
-        atomic_write_json(out_dir / METRICS, summary)
-    return summary
+            write_history(out_dir / HISTORY, run.history)
+        atomic_write_json(out_dir / METRICS, final)
+    return final
 
 
 def run_stage(run: StageRun) -> dict[str, Any]:
@@ -815,27 +485,3 @@ def run_stage(run: StageRun) -> dict[str, Any]:
 def summary_line(summary: dict[str, Any]) -> str:
     best = summary.get("best") or {}
     return f"trained {summary['epochs_run']} epoch(s); best epoch {summary['best_epoch']}, val top-1 {best.get('val_top1')}"
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m pipeline.learn.train`` (what torchrun launches on every rank)."""
-    parser = argparse.ArgumentParser(prog="python -m pipeline.learn.train", description=__doc__.splitlines()[0])
-    parser.add_argument("--params", type=Path, default=None, help="params.yaml (default: built-in defaults)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
-    parser.add_argument("--shards", type=Path, required=True)
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        cfg = load_config(args.params, args.overrides)
-        train(cfg, args.shards, args.out, resume=args.resume, progress=not args.quiet)
-    except AstroflowError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -27,7 +27,8 @@ class TrainingFailed(AstroflowError):
 
 
 def torchrun_command(cfg: Config, params: Path, shards_dir: Path, out_dir: Path, *, run_id: str, resume: bool = False) -> list[str]:
-    """``python -m pipeline.learn.train`` under torchrun with the configured processes and nodes.
+    """``python -m pipeline.cli train --out OUT`` (training in each process, see ``astroflow train --help``) under
+    torchrun with the configured processes and nodes.
 
     One node runs standalone (a local rendezvous); several need a c10d rendezvous endpoint, taken from
     ``$ASTROFLOW_RDZV_ENDPOINT`` (host:port of node 0), and the same command started on every node.
@@ -41,7 +42,7 @@ def torchrun_command(cfg: Config, params: Path, shards_dir: Path, out_dir: Path,
         if not endpoint:
             raise ConfigError(f"train.nnodes is {t.nnodes}: set ${RDZV_ENV} to host:port of the rendezvous (node 0)")
         cmd += ["--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}", f"--rdzv-id=astroflow-{run_id}"]
-    cmd += ["-m", "pipeline.learn.train", "--params", str(params), "--shards", str(shards_dir), "--out", str(out_dir), "--quiet"]
+    cmd += ["-m", "pipeline.cli", "train", "--params", str(params), "--shards", str(shards_dir), "--out", str(out_dir), "--quiet"]
     return cmd + (["--resume"] if resume else [])
 
 

@@ -1,7 +1,8 @@
 """Stage ``calibrate``: fit a softmax temperature on the validation split.
 
 The temperature is fitted on the same scores ``evaluate`` produces (same TTA setting), and the output
-names the checkpoint's model id, so ``evaluate`` can refuse a calibration made for another model.
+names the checkpoint's model id and that TTA setting: the calibration contract of
+:class:`~pipeline.score.trained_model.TrainedModel`, which every consumer of the file applies.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pipeline.score import metrics as M
 from pipeline.config import Config
 from pipeline.io import atomic_write_json
 from pipeline.layout import StageRun
+from pipeline.score.trained_model import TrainedModel
 
 SPLIT = "val"
 CALIBRATION_FILE = "calibration.json"
@@ -23,17 +25,17 @@ def calibrate(cfg: Config, shards_dir: Path, checkpoint: Path, out_path: Path, *
 
     Disabled calibration still scores ``val`` so the file keeps one schema and reports the raw ECE.
     """
-    from pipeline.learn.checkpoint import model_id
-    from pipeline.score.evaluate import load_and_predict
+    from pipeline.score.evaluate import score_split
 
+    model = TrainedModel.load(checkpoint)
     result: dict[str, Any] = {
         "enabled": cfg.calibrate.enabled,
         "split": SPLIT,
-        "model_id": model_id(checkpoint),
+        "model_id": model.model_id,
         "tta": cfg.evaluate.tta,
         "bins": cfg.calibrate.bins,
     }
-    preds, _, _ = load_and_predict(cfg, shards_dir, checkpoint, SPLIT, progress=progress)
+    preds = score_split(cfg, model, shards_dir, SPLIT, progress=progress)
     if cfg.calibrate.enabled:
         t = M.fit_temperature(preds.logits, preds.labels, cfg.calibrate.max_iter)
     else:
@@ -50,7 +52,6 @@ def calibrate(cfg: Config, shards_dir: Path, checkpoint: Path, out_path: Path, *
     )
     atomic_write_json(out_path, result)
     return result
-
 
 
 def run_stage(run: StageRun) -> dict[str, Any]:

@@ -2,8 +2,9 @@
 
 Preprocessing (``img_size``, ``train.input_range``) comes from the checkpoint's own config, so a model
 is always evaluated on the inputs it was trained on; the current config only decides how to run
-(batch size, TTA, device, workers). :func:`predict_split` is shared with ``calibrate`` so the
-temperature is fitted on exactly the kind of scores it is later applied to.
+(batch size, TTA, device, workers). :func:`score_split` is shared with ``calibrate`` and the registry,
+and scores through :mod:`pipeline.score.trained_model` as ``predict`` does, so the temperature is
+fitted on exactly the kind of scores it is later applied to.
 """
 
 from __future__ import annotations
@@ -24,11 +25,13 @@ from tqdm.auto import tqdm
 from pipeline.score import metrics as M
 from pipeline.config import Config
 from pipeline.layout import StageRun
-from pipeline.errors import CheckpointError, ConfigError, DataError
+from pipeline.errors import DataError
 from pipeline.runtime import resolve_device
-from pipeline.io import atomic_dir, atomic_write_json, read_json
-from pipeline.data.shards import load_manifest, make_dataset, shard_urls
-from pipeline.data.transforms import d4_views, eval_transform
+from pipeline.io import atomic_dir, atomic_write_json
+from pipeline.data.reader import StreamSpec, make_loader
+from pipeline.data.shards import load_manifest, shard_urls
+from pipeline.data.transforms import eval_transform
+from pipeline.score.trained_model import TorchBackend, TrainedModel, scores
 
 CONFUSION_PNG = "confusion.png"
 
@@ -56,64 +59,38 @@ class SplitPredictions:
         )
 
 
-def _collate(samples: list[tuple[torch.Tensor, int, dict[str, Any]]]) -> tuple[torch.Tensor, torch.Tensor, list[dict[str, Any]]]:
-    images, labels, metas = zip(*samples)
-    return torch.stack(images), torch.tensor(labels, dtype=torch.int64), list(metas)
-
-
-def check_class_names(payload: dict[str, Any], manifest: dict[str, Any], shards_dir: Path) -> list[str]:
-    """The model's class names, which must be the shards' (same names, same order) for labels to mean anything."""
-    names = list(payload["class_names"])
-    if names != list(manifest["class_names"]):
-        raise DataError(
-            f"{shards_dir}: shards have class_names {manifest['class_names']} but the checkpoint "
-            f"was trained on {names}"
-        )
-    return names
-
-
 def predict_split(
-    model: torch.nn.Module,
+    model: TrainedModel,
     shards_dir: Path,
     split: str,
     *,
-    img_size: int,
-    input_range: str,
     batch_size: int,
     tta: bool = False,
     device: torch.device | str = "cpu",
     workers: int = 0,
     progress: bool = True,
 ) -> SplitPredictions:
-    """Batched inference over every sample of ``split``; returns scores sorted by prepared-file row."""
+    """Batched inference over every sample of ``split`` with the model's own preprocessing; scores sorted by row."""
     shards_dir = Path(shards_dir)
     urls = shard_urls(shards_dir, split)
     expected = int(load_manifest(shards_dir)["splits"][split]["num_samples"])
     if expected == 0:
         raise DataError(f"{shards_dir}: split {split!r} has no samples")
     device = torch.device(device)
-    model = model.to(device).eval()
-    ds = make_dataset(urls, split_by_node=False, transform=eval_transform(img_size, input_range))
-    ds = ds.batched(batch_size, collation_fn=_collate, partial=True)
-    loader = torch.utils.data.DataLoader(
-        ds, batch_size=None, num_workers=min(workers, len(urls)), pin_memory=device.type == "cuda"
-    )
+    backend = TorchBackend(model.network, device)
+    transform = eval_transform(model.img_size, model.input_range)
+    # no more workers than shards: worker w reads shards w, w + workers, ... whole (pipeline.data.reader)
+    loader = make_loader(StreamSpec(urls=tuple(urls), batch_size=batch_size), transform, min(workers, len(urls)), device.type == "cuda")
     logits, labels, ids, rows = [], [], [], []
     bar = tqdm(total=expected, desc=f"evaluate {split}", unit="img", disable=not progress, dynamic_ncols=True)
     start = time.perf_counter()
     try:
         with torch.inference_mode():
-            for x, y, metas in loader:
-                x = x.to(device, non_blocking=True)
-                if tta:
-                    views = torch.stack([model(v).float().log_softmax(dim=1) for v in d4_views(x)])
-                    out = torch.logsumexp(views, dim=0) - math.log(len(views))
-                else:
-                    out = model(x).float()
-                logits.append(out.cpu().numpy())
+            for x, y, batch_ids, batch_rows in loader:
+                logits.append(scores(backend, x, tta=tta).cpu().numpy())
                 labels.append(y.numpy())
-                ids.extend(str(m["id"]) for m in metas)
-                rows.extend(int(m["row"]) for m in metas)
+                ids.extend(batch_ids)
+                rows.extend(batch_rows)
                 bar.update(len(y))
     finally:
         bar.close()
@@ -130,61 +107,31 @@ def predict_split(
     )
 
 
-def load_and_predict(
+def score_split(
     cfg: Config,
+    model: TrainedModel,
     shards_dir: Path,
-    checkpoint: Path,
     split: str,
     *,
     progress: bool = True,
     exclude_ids: Collection[str] = (),
-) -> tuple[SplitPredictions, list[str], dict[str, Any]]:
-    """Load the checkpoint, check it against the shards, and score ``split`` as ``cfg.evaluate`` says.
+) -> SplitPredictions:
+    """Check the model against the shards and score ``split`` as ``cfg.evaluate`` says.
 
     ``exclude_ids`` drops those galaxies from the result (the registry leaves out another model's training images).
     """
-    from pipeline.learn.checkpoint import load_model
-
-    model, model_cfg, payload = load_model(checkpoint)
-    names = check_class_names(payload, load_manifest(shards_dir), Path(shards_dir))
+    model.check_classes(load_manifest(shards_dir)["class_names"], f"{shards_dir} (shards)")
     preds = predict_split(
         model,
         shards_dir,
         split,
-        img_size=int(payload["img_size"]),
-        input_range=model_cfg.train.input_range,
         batch_size=cfg.evaluate.batch_size,
         tta=cfg.evaluate.tta,
         device=resolve_device(cfg.evaluate.device, "evaluate.device"),
         workers=cfg.evaluate.workers,
         progress=progress,
     )
-    if exclude_ids:
-        preds = preds.without(exclude_ids)
-    info = {
-        "model_name": payload["model_name"],
-        "img_size": int(payload["img_size"]),
-        "input_range": model_cfg.train.input_range,
-    }
-    return preds, names, info
-
-
-def _read_calibration(path: Path, mid: str, tta: bool) -> float:
-    """The temperature of a calibration file made for this very model and scoring; otherwise an error."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: calibration file not found (run `astroflow calibrate` first)")
-    cal = read_json(path)
-    t = cal.get("temperature")
-    if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0:
-        raise DataError(f"{path}: field 'temperature' must be a positive number, got {t!r}")
-    if cal.get("model_id") != mid:
-        raise CheckpointError(f"{path}: calibration is for model {cal.get('model_id')!r}, not {mid!r}; re-run calibrate")
-    if cal.get("enabled", True) and bool(cal.get("tta")) != tta:
-        raise ConfigError(
-            f"{path}: temperature was fitted with tta={bool(cal.get('tta'))} but evaluate.tta is {tta}; re-run calibrate"
-        )
-    return float(t)
+    return preds.without(exclude_ids) if exclude_ids else preds
 
 
 def evaluate(
@@ -202,18 +149,17 @@ def evaluate(
     ``out_dir`` belongs to this stage: it is built under a temporary name and swapped in whole, so it
     either holds a complete evaluation or the previous one.
     """
-    from pipeline.learn.checkpoint import model_id
-
-    mid = model_id(checkpoint)
-    temperature = _read_calibration(calibration, mid, cfg.evaluate.tta) if calibration is not None else None
-    preds, names, info = load_and_predict(cfg, shards_dir, checkpoint, "test", progress=progress)
+    model = TrainedModel.load(checkpoint)
+    temperature = model.temperature(calibration, tta=cfg.evaluate.tta) if calibration is not None else None
+    preds = score_split(cfg, model, shards_dir, "test", progress=progress)
+    names = model.class_names
     summary = M.summarize(preds.logits, preds.labels, names, bins=cfg.calibrate.bins)
     cm = np.asarray(summary.pop("confusion"))
     per_class = summary.pop("per_class")
 
     result: dict[str, Any] = {
         "split": "test",
-        "model_id": mid,
+        "model_id": model.model_id,
         "tta": cfg.evaluate.tta,
         **summary,
     }
@@ -232,8 +178,8 @@ def evaluate(
         atomic_write_json(tmp / "metrics.json", result)
         (tmp / "confusion.csv").write_text(_confusion_csv(preds.labels, preds_pred, names))
         (tmp / "predictions.csv").write_text(_predictions_csv(preds, preds_pred, temperature))
-        plot_confusion(cm, names, tmp / CONFUSION_PNG, title=_plot_title(result, info))
-        (tmp / "report.md").write_text(render_report(result, info, CONFUSION_PNG))
+        plot_confusion(cm, names, tmp / CONFUSION_PNG, title=_plot_title(result, model))
+        (tmp / "report.md").write_text(render_report(result, model, CONFUSION_PNG))
     if metrics_path is not None:
         atomic_write_json(metrics_path, result)
     return result
@@ -263,10 +209,10 @@ def _predictions_csv(preds: SplitPredictions, pred: np.ndarray, temperature: flo
     return buf.getvalue()
 
 
-def _plot_title(result: dict[str, Any], info: dict[str, Any]) -> str:
+def _plot_title(result: dict[str, Any], model: TrainedModel) -> str:
     tta = ", TTA" if result["tta"] else ""
     return (
-        f"{info['model_name']} @ {info['img_size']}px{tta} — test, {result['num_samples']} images\n"
+        f"{model.model_name} @ {model.img_size}px{tta} — test, {result['num_samples']} images\n"
         f"top-1 {result['top1']:.2%}   macro-F1 {result['macro_f1']:.3f}   balanced acc. {result['balanced_accuracy']:.2%}"
     )
 
@@ -324,13 +270,13 @@ def _fmt(value: Any, pct: bool = False) -> str:
     return f"{value:.2%}" if pct else f"{value:.4f}"
 
 
-def render_report(result: dict[str, Any], info: dict[str, Any], confusion_png: str = CONFUSION_PNG) -> str:
+def render_report(result: dict[str, Any], model: TrainedModel, confusion_png: str = CONFUSION_PNG) -> str:
     """Markdown classification report: headline metrics, per-class table with error contributions, the PNG."""
     lines = [
         "# Evaluation report",
         "",
-        f"Model `{result['model_id']}` ({info['model_name']}, {info['img_size']} px, input range "
-        f"`{info['input_range']}`) on the **{result['split']}** split: {result['num_samples']} images, "
+        f"Model `{result['model_id']}` ({model.model_name}, {model.img_size} px, input range "
+        f"`{model.input_range}`) on the **{result['split']}** split: {result['num_samples']} images, "
         f"test-time augmentation {'on (8 rotations/flips)' if result['tta'] else 'off'}.",
         "",
         "## Summary",

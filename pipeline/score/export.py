@@ -19,25 +19,25 @@ import torch
 
 from pipeline.errors import CheckpointError
 from pipeline.io import atomic_write_bytes
+from pipeline.score.trained_model import TrainedModel
 
 INPUT_NAME, OUTPUT_NAME = "images", "logits"
 CHECK_ATOL = 1e-3
 
 
-def export_onnx(checkpoint: str | Path, out_path: str | Path, *, opset: int | None = None) -> Path:
-    """Write ``out_path`` (atomically): the checkpoint's model as ONNX with a dynamic batch dimension."""
+def export_onnx(model: TrainedModel | str | Path, out_path: str | Path, *, opset: int | None = None) -> Path:
+    """Write ``out_path`` (atomically): the model (or the checkpoint at that path) as ONNX with a dynamic batch."""
     import onnx
     import onnxruntime as ort
 
-    from pipeline.learn.checkpoint import load_model, model_id
-
-    checkpoint, out_path = Path(checkpoint), Path(out_path)
-    model, model_cfg, payload = load_model(checkpoint)
-    size = int(payload["img_size"])
+    trained = model if isinstance(model, TrainedModel) else TrainedModel.load(model)
+    out_path = Path(out_path)
+    network = trained.network.cpu()
+    size = trained.img_size
     example = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
     with contextlib.redirect_stdout(io.StringIO()):  # the exporter narrates every step on stdout
         program = torch.onnx.export(
-            model,
+            network,
             (example,),
             dynamo=True,
             dynamic_shapes=({0: torch.export.Dim("batch")},),
@@ -48,11 +48,11 @@ def export_onnx(checkpoint: str | Path, out_path: str | Path, *, opset: int | No
         )
     proto = program.model_proto
     meta = {
-        "astroflow.model_id": model_id(checkpoint),
-        "astroflow.model_name": str(payload["model_name"]),
-        "astroflow.class_names": json.dumps(list(payload["class_names"])),
+        "astroflow.model_id": trained.model_id,
+        "astroflow.model_name": trained.model_name,
+        "astroflow.class_names": json.dumps(trained.class_names),
         "astroflow.img_size": str(size),
-        "astroflow.input_range": model_cfg.train.input_range,
+        "astroflow.input_range": trained.input_range,
     }
     for key, value in meta.items():
         entry = proto.metadata_props.add()
@@ -62,12 +62,12 @@ def export_onnx(checkpoint: str | Path, out_path: str | Path, *, opset: int | No
 
     check = torch.randn(5, 3, size, size, generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
-        expected = model(check).numpy()
+        expected = network(check).numpy()
     session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
     got = session.run(None, {INPUT_NAME: check.numpy()})[0]
     err = float(np.abs(got - expected).max())
     if got.shape != expected.shape or err > CHECK_ATOL * max(1.0, float(np.abs(expected).max())):
-        raise CheckpointError(f"{checkpoint}: ONNX export disagrees with PyTorch (max |diff| {err:.2e}, shape {got.shape})")
+        raise CheckpointError(f"{trained.path}: ONNX export disagrees with PyTorch (max |diff| {err:.2e}, shape {got.shape})")
     atomic_write_bytes(out_path, data)
     return out_path
 

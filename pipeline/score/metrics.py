@@ -1,8 +1,11 @@
-"""Classification and calibration metrics as pure functions of logits and labels.
+"""Classification and calibration metrics as pure functions of logits and labels: the only implementation.
 
-Numpy (and torch for the temperature fit) only, so the stages do not depend on scikit-learn; the tests
-check every metric against scikit-learn. ``logits`` may be any scores whose softmax is the predicted
-distribution, e.g. the log of test-time-augmented averaged probabilities.
+Training's validation pass, ``calibrate``, ``evaluate`` and the registry all use these functions, so a
+metric means the same everywhere. Numpy (and torch for the temperature fit) only, so the stages do not
+depend on scikit-learn; the tests check every metric against scikit-learn. Inputs may be numpy arrays
+or torch tensors on any device. ``logits`` may be any scores whose softmax is the predicted
+distribution, e.g. the log of test-time-augmented averaged probabilities; :func:`softmax` with a
+temperature is the one temperature rule (``pipeline.score.trained_model``).
 """
 
 from __future__ import annotations
@@ -65,6 +68,13 @@ def confusion_matrix(labels: ArrayLike, preds: ArrayLike, num_classes: int) -> n
     if y.shape != p.shape:
         raise ValueError(f"labels and preds differ in shape: {y.shape} vs {p.shape}")
     return np.bincount(y * num_classes + p, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+
+
+def accuracy(cm: np.ndarray) -> float:
+    """Top-1 accuracy from a confusion matrix: the diagonal's share of all samples."""
+    cm = np.asarray(cm)
+    total = cm.sum()
+    return float(np.trace(cm) / total) if total else float("nan")
 
 
 def _safe_div(num: np.ndarray, den: np.ndarray) -> np.ndarray:

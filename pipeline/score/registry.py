@@ -1,4 +1,4 @@
-"""A file-system model registry: candidates, one production model, and the one rule that promotes.
+"""A file-system model registry: candidates, one production model, promoted by the rule of ``promotion``.
 
 Layout under ``registry.root``::
 
@@ -21,152 +21,38 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import math
 import os
 import shutil
 import subprocess
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from pipeline.score import metrics as M
-from pipeline.config import Config, RegistryConfig
+from pipeline.config import Config
 from pipeline.errors import AstroflowError
 from pipeline.io import atomic_dir, read_json
+from pipeline.score.calibrate import CALIBRATION_FILE
+from pipeline.score.promotion import STORED, Decision, Rule, decide, finite, majority_baseline
+from pipeline.score.trained_model import TrainedModel
 
 CANDIDATES = "candidates"
 PRODUCTION = "production"
 HISTORY = "history.jsonl"
 MODEL_FILE = "model.pt"
-CALIBRATION_FILE = "calibration.json"  # the name ``pipeline.catalog.predict`` looks for beside a checkpoint
 METRICS_FILE = "metrics.json"
 LINEAGE_FILE = "lineage.json"
 SPLIT_FILE = "split.parquet"
 EVAL_FILES = ("report.md", "confusion.png")
 HEADLINE_METRICS = ("top1", "macro_f1", "balanced_accuracy", "ece", "nll")
-STORED = "registered test metrics"
-"""The basis of a comparison made on the metrics evaluate wrote at registration (no re-scoring)."""
 
 
 class RegistryError(AstroflowError):
     """A registry request a person can get wrong: unknown model, stale workspace, rollback with no history."""
-
-
-# ------------------------------------------------------------------ the rule
-
-
-@dataclass(frozen=True)
-class Rule:
-    """The promotion thresholds of ``registry`` in params.yaml; every metric is "higher is better"."""
-
-    metric: str
-    min_value: float
-    min_margin_over_majority: float
-
-    @classmethod
-    def from_config(cls, cfg: RegistryConfig) -> Rule:
-        return cls(cfg.metric, cfg.min_value, cfg.min_margin_over_majority)
-
-
-@dataclass(frozen=True)
-class Decision:
-    """Why a candidate was (not) promoted: what ``history.jsonl``, the CLI and the flow's artifact show."""
-
-    promote: bool
-    reason: str
-    metric: str
-    candidate_id: str
-    candidate_value: float | None
-    production_id: str | None
-    production_value: float | None
-    majority_value: float | None = None
-    basis: str = STORED
-    num_samples: int | None = None
-    forced: bool = False
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def finite(value: Any) -> float | None:
-    """``value`` as a float when it is a finite number, else None (NaN, missing, bool, text)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        return None
-    return float(value)
-
-
-def majority_baseline(class_counts: Sequence[int], metric: str) -> float:
-    """``metric`` of always predicting the most frequent class: the score of a model that learned nothing.
-
-    Built as that classifier's confusion matrix and scored by ``pipeline.score.metrics``, so it is exactly
-    what evaluate would report (top1 = p, balanced accuracy = 1/K, macro-F1 = 2p/(1+p)/K).
-    """
-    counts = np.asarray(class_counts, dtype=np.int64)
-    if counts.sum() == 0:
-        return float("nan")
-    majority = int(counts.argmax())
-    cm = np.zeros((len(counts), len(counts)), dtype=np.int64)
-    cm[:, majority] = counts
-    scores = {
-        "top1": lambda: float(counts[majority] / counts.sum()),
-        "macro_f1": lambda: M.macro_f1(cm),
-        "balanced_accuracy": lambda: M.balanced_accuracy(cm),
-    }
-    if metric not in scores:
-        raise RegistryError(f"registry.metric: no majority baseline for {metric!r}; use one of {sorted(scores)}")
-    return scores[metric]()
-
-
-def decide(
-    candidate_id: str,
-    candidate_value: float | None,
-    *,
-    rule: Rule,
-    majority_value: float | None,
-    production_id: str | None = None,
-    production_value: float | None = None,
-    same_classes: bool = True,
-    basis: str = STORED,
-    num_samples: int | None = None,
-) -> Decision:
-    """The promotion rule, pure: the floor and the majority margin always apply; then production must lose.
-
-    A tie keeps production, so re-running the same training never churns it. Values must come from
-    the same test split (``basis`` says which); a class-list change is never promoted automatically.
-    """
-    cand, prod, major = finite(candidate_value), finite(production_value), finite(majority_value)
-    metric = rule.metric
-
-    def made(promote: bool, reason: str) -> Decision:
-        return Decision(promote, reason, metric, candidate_id, cand, production_id, prod, major, basis, num_samples)
-
-    if production_id == candidate_id:
-        return made(False, "the candidate already is the production model")
-    if cand is None:
-        return made(False, f"the candidate has no finite {metric!r}")
-    if cand < rule.min_value:
-        return made(False, f"{metric} {cand:.4f} is below the floor registry.min_value={rule.min_value:g}")
-    if major is None:
-        return made(False, f"the majority-class baseline of {metric!r} is unknown (empty test split?)")
-    if cand < major + rule.min_margin_over_majority:
-        return made(
-            False,
-            f"{metric} {cand:.4f} does not beat the majority-class classifier's {major:.4f} "
-            f"by registry.min_margin_over_majority={rule.min_margin_over_majority:g}",
-        )
-    if not same_classes:
-        return made(False, "the class lists differ from production's; only `promote --force --reason ...` can switch")
-    if production_id is None:
-        return made(True, "there is no production model yet and the candidate clears the floor and the majority margin")
-    if prod is None:
-        return made(False, f"production has no finite {metric!r} on this test split; compare by hand and use --force")
-    if cand > prod:
-        return made(True, f"{metric} {cand:.4f} beats production's {prod:.4f}")
-    return made(False, f"{metric} {cand:.4f} does not beat production's {prod:.4f}")
 
 
 # ------------------------------------------------------------------ registration and lineage
@@ -217,21 +103,20 @@ def register_model(
     Registering the same model again changes nothing, so a re-run flow or a repeated CLI call is harmless.
     The evaluation and calibration must be of this very checkpoint: a stale workspace is refused.
     """
-    from pipeline.learn.checkpoint import load_checkpoint
-    from pipeline.learn.checkpoint import model_id as checkpoint_id
-
     root, checkpoint, eval_dir, shards_dir = Path(root), Path(checkpoint), Path(eval_dir), Path(shards_dir)
     if not checkpoint.is_file():
         raise RegistryError(f"{checkpoint}: no trained model; run `dvc repro` or `astroflow run` first")
-    mid = checkpoint_id(checkpoint)
+    model = TrainedModel.load(checkpoint)
+    mid = model.model_id
     target = candidate_dir(root, mid)
     if (target / LINEAGE_FILE).is_file():
         return mid
     metrics = _evaluation(eval_dir, mid)
-    lineage = _lineage(cfg, load_checkpoint(checkpoint), metrics, shards_dir, source, stage_keys, flow_run_id)
+    lineage = _lineage(cfg, model, metrics, shards_dir, source, stage_keys, flow_run_id)
     files = {MODEL_FILE: checkpoint, METRICS_FILE: eval_dir / METRICS_FILE, SPLIT_FILE: _split_table(shards_dir)}
     if calibration is not None:
-        files[CALIBRATION_FILE] = _calibration(Path(calibration), mid)
+        model.temperature(calibration, tta=bool(metrics.get("tta")))  # the contract predict applies to the copy
+        files[CALIBRATION_FILE] = Path(calibration)
     files.update({name: eval_dir / name for name in EVAL_FILES if (eval_dir / name).is_file()})
     with _registry_lock(root):
         if not (target / LINEAGE_FILE).is_file():
@@ -254,15 +139,6 @@ def _evaluation(eval_dir: Path, mid: str) -> dict[str, Any]:
     return metrics
 
 
-def _calibration(path: Path, mid: str) -> Path:
-    if not path.is_file():
-        raise RegistryError(f"{path}: calibration file not found")
-    fitted_for = read_json(path).get("model_id")
-    if fitted_for != mid:
-        raise RegistryError(f"{path}: calibration is for model {fitted_for!r}, not {mid!r}; re-run calibrate")
-    return path
-
-
 def _split_table(shards_dir: Path) -> Path:
     from pipeline.data.shards import SPLIT_TABLE
 
@@ -274,7 +150,7 @@ def _split_table(shards_dir: Path) -> Path:
 
 def _lineage(
     cfg: Config,
-    payload: Mapping[str, Any],
+    model: TrainedModel,
     metrics: Mapping[str, Any],
     shards_dir: Path,
     source: str,
@@ -285,13 +161,12 @@ def _lineage(
     from pipeline.data.shards import load_manifest
 
     manifest = load_manifest(shards_dir)
-    names = list(payload["class_names"])
-    if names != list(manifest["class_names"]):
-        raise RegistryError(f"{shards_dir}: shards have class_names {manifest['class_names']}, the model {names}")
+    names = model.class_names
+    model.check_classes(manifest["class_names"], f"{shards_dir} (shards)")
     counts = manifest["splits"]["test"]["class_counts"]
     return {
         "source": source,
-        "model_name": payload["model_name"],
+        "model_name": model.model_name,
         "class_names": names,
         "config": cfg.to_dict(),
         "config_hash": cfg.hash(),
@@ -518,7 +393,7 @@ def _split_ids(table: Path, split: str) -> set[str]:
 
 def _rescore(cfg: Config, cand_dir: Path, prod_dir: Path, shards_dir: Path) -> _Scores:
     """Both models on the candidate's test split minus production's training galaxies, scored alike."""
-    from pipeline.score.evaluate import load_and_predict
+    from pipeline.score.evaluate import score_split
     from pipeline.data.shards import load_manifest
 
     data_hash = read_record(cand_dir)[1]["data_hash"]
@@ -531,9 +406,9 @@ def _rescore(cfg: Config, cand_dir: Path, prod_dir: Path, shards_dir: Path) -> _
     excluded = _split_ids(prod_dir / SPLIT_FILE, "train")
     values = []
     for model_dir in (cand_dir, prod_dir):
-        preds, names, _ = load_and_predict(
-            cfg, shards_dir, model_dir / MODEL_FILE, "test", progress=False, exclude_ids=excluded
-        )
+        model = TrainedModel.load(model_dir / MODEL_FILE)
+        preds = score_split(cfg, model, shards_dir, "test", progress=False, exclude_ids=excluded)
+        names = model.class_names
         values.append(M.summarize(preds.logits, preds.labels, names, bins=cfg.calibrate.bins)[cfg.registry.metric])
     basis = (
         f"both re-scored on the candidate's test split in {shards_dir}, {len(preds.labels)} galaxies "

@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline.config import DataConfig
-from pipeline.data.sources.base import RecordBatch, Source
+from pipeline.data.record import RecordBatch
+from pipeline.data.sources.base import Source
 
 __all__ = ["RecordBatch", "Source", "open_source"]
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.data.sources.base import OPTIONAL_FLOAT_FIELDS, RecordBatch
+from pipeline.data.record import OPTIONAL_FLOAT_FIELDS, RecordBatch
 
 
 class ArraySource:
@@ -47,6 +47,6 @@ class ArraySource:
                 images=self.images[lo:hi],
                 labels=self.labels[lo:hi],
                 ids=self.ids[lo:hi],
-                source_index=np.arange(lo, hi),
+                source_rows=np.arange(lo, hi),
                 **{k: (None if v is None else np.asarray(v)[lo:hi]) for k, v in self.optional.items()},
             )

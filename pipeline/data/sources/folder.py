@@ -17,7 +17,7 @@ from PIL import Image, UnidentifiedImageError
 
 from pipeline.config import FolderConfig
 from pipeline.errors import DataError
-from pipeline.data.sources.base import RecordBatch
+from pipeline.data.record import RecordBatch
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
 
@@ -146,5 +146,5 @@ class FolderSource:
                     images=np.stack(images),
                     labels=self.labels[lo:hi],
                     ids=self.ids[lo:hi],
-                    source_index=np.arange(lo, hi, dtype=np.int64),
+                    source_rows=np.arange(lo, hi, dtype=np.int64),
                 )

@@ -9,7 +9,7 @@ import numpy as np
 
 from pipeline.config import DataConfig
 from pipeline.errors import ConfigError
-from pipeline.data.sources.base import RecordBatch
+from pipeline.data.record import RecordBatch
 from pipeline.data.sources.synthetic import generate_arrays
 
 
@@ -42,9 +42,9 @@ class SyntheticSource:
             arrays = generate_arrays(k, size=self.cfg.image_size, seed=self.cfg.seed, start=lo)
             yield RecordBatch(
                 images=arrays["images"],
-                labels=arrays["ans"].astype(np.int64),
+                labels=arrays["label"].astype(np.int64),
                 ids=[f"syn{i:07d}" for i in range(lo, lo + k)],
-                source_index=np.arange(lo, lo + k, dtype=np.int64),
+                source_rows=np.arange(lo, lo + k, dtype=np.int64),
                 ra=arrays["ra"],
                 dec=arrays["dec"],
                 redshift=arrays["redshift"],

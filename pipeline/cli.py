@@ -57,7 +57,9 @@ def _run_stage(name: str, cfg: Config, layout: Layout, args: argparse.Namespace)
     from pipeline.orchestrate.graph import GRAPH
     from pipeline.orchestrate.runner import run_in_workspace
 
-    outcome = run_in_workspace(name, cfg, layout, progress=not args.quiet, resume=getattr(args, "resume", False))
+    outcome = run_in_workspace(
+        name, cfg, layout, progress=not args.quiet, resume=getattr(args, "resume", False), force=getattr(args, "force", False)
+    )
     line = getattr(importlib.import_module(GRAPH[name].module), "summary_line", None)
     detail = f": {line(outcome.summary)}" if line else ""
     _say(f"{name} {outcome.how} in {outcome.seconds:.1f}s -> {outcome.path}{detail}")
@@ -109,6 +111,10 @@ def _train_process(cfg: Config, layout: Layout, args: argparse.Namespace) -> dic
 
 def cmd_run(cfg: Config, layout: Layout, args: argparse.Namespace) -> dict[str, Any]:
     """Every stage of the graph in order under one directory, without DVC or Prefect."""
+    from pipeline.orchestrate.runner import refuse_overwrite
+
+    for stage in STAGES:  # before any stage runs, not after the data stages
+        refuse_overwrite(stage.name, layout, resume=args.resume, force=args.force)
     layout.root.mkdir(parents=True, exist_ok=True)
     dump_params(cfg, layout.root / "params.resolved.yaml")
     timings: dict[str, float] = {}
@@ -296,6 +302,9 @@ def build_parser() -> argparse.ArgumentParser:
     }
     subs = _subcommands(sub, helps)
     subs["train"].add_argument("--resume", action="store_true", help="continue from last.pt (in data/train, or in OUT with --out)")
+    for name in ("train", "run"):
+        subs[name].add_argument("--force", action="store_true", help="replace a training run already in data/train")
+    subs["run"].add_argument("--resume", action="store_true", help="continue the training run in data/train")
     subs["train"].add_argument("--out", type=Path, default=None, help="train in this process into OUT, outside the store, without launching torchrun (what torchrun starts on each rank)")
     subs["train"].add_argument("--shards", type=Path, default=None, help="with --out: the shard directory (default: data/shards under --workdir)")
     subs["train"].add_argument("--print-command", action="store_true", help="print the torchrun command for this config (multi-node: run it on each node)")

@@ -24,3 +24,7 @@ class ValidationFailed(AstroflowError):
 
 class CheckpointError(AstroflowError):
     """A checkpoint that is corrupt, truncated or does not match the configured model."""
+
+
+class WouldOverwrite(AstroflowError):
+    """A stage would replace a finished (or interrupted) run that nobody asked to replace."""

@@ -86,3 +86,21 @@ def test_models_lists_the_family_with_stack_and_size(tmp_path):
     proc = astroflow("models", "astroformer_pico", "astroformer_0", "resnet18", "--img-size", "64", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "C-C-C-T" in proc.stdout and "resnet18" in proc.stdout
+
+
+@pytest.mark.parametrize("command", ["train", "run"])
+def test_a_training_run_is_not_replaced_without_resume_or_force(tmp_path, command):
+    """Forgetting --resume after a crash must not throw away the run: refuse, name both flags, touch nothing."""
+    train_dir = tmp_path / "data" / "train"
+    train_dir.mkdir(parents=True)
+    (train_dir / "last.pt").write_bytes(b"an epoch of a long run")
+    proc = astroflow(command, "-q", "--workdir", str(tmp_path), cwd=tmp_path)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert "--resume" in lines[0] and "--force" in lines[0] and "last.pt" in lines[0]
+    assert (train_dir / "last.pt").read_bytes() == b"an epoch of a long run"
+    assert not (tmp_path / "data" / "prepared").exists()  # refused before any stage ran
+
+    forced = astroflow("train", "-q", "--force", "--workdir", str(tmp_path), cwd=tmp_path)
+    assert forced.returncode == 2 and "--resume" not in forced.stderr  # past the guard: now it needs shards
+    assert "shards" in forced.stderr or "manifest" in forced.stderr, forced.stderr

@@ -97,6 +97,7 @@ STAGES: tuple[Stage, ...] = (
             Plot("Learning curves", "history.csv", "epoch", ("train_loss", "val_loss", "val_top1", "val_macro_f1")),
             Plot("Learning rate", "history.csv", "epoch", ("lr",)),
         ),
+        cmd_args="--force",  # DVC owns and versions these outputs: replacing them is its decision
         resumable=True,
     ),
     Stage(

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import Config
+from pipeline.errors import WouldOverwrite
 from pipeline.io import atomic_write_json
 from pipeline.layout import Layout, StageRun
 from pipeline.orchestrate import store
@@ -34,10 +35,17 @@ class Outcome:
     seconds: float
 
 
-def run_in_workspace(name: str, cfg: Config, layout: Layout, *, progress: bool = True, resume: bool = False) -> Outcome:
-    """Run ``name`` into its workspace directory, or check it out of the store when the store has its key."""
+def run_in_workspace(
+    name: str, cfg: Config, layout: Layout, *, progress: bool = True, resume: bool = False, force: bool = False
+) -> Outcome:
+    """Run ``name`` into its workspace directory, or check it out of the store when the store has its key.
+
+    A resumable stage (train) whose outputs exist runs only with ``resume`` or ``force``: forgetting
+    ``--resume`` after a crash must not throw away a long run.
+    """
     spec = GRAPH[name]
     out = layout.stage_dir(name)
+    refuse_overwrite(name, layout, resume=resume, force=force)
     summary_file = layout.resolve(spec.summary_file) if spec.summary_file else None
     key = store.workspace_key(name, cfg, layout) if spec.stored else None
     t0 = time.perf_counter()
@@ -56,6 +64,17 @@ def run_in_workspace(name: str, cfg: Config, layout: Layout, *, progress: bool =
     if key is not None:
         store.write_workspace_record(out, name, key, summary, seconds)
     return Outcome(name, "built", summary, key, out, seconds)
+
+
+def refuse_overwrite(name: str, layout: Layout, *, resume: bool, force: bool) -> None:
+    """Raise when ``name`` is resumable, its workspace outputs exist, and neither ``resume`` nor ``force`` was asked."""
+    spec = GRAPH[name]
+    out = layout.stage_dir(name)
+    existing = [o.path for o in spec.outs if spec.resumable and (out / o.path).exists()]
+    if existing and not (resume or force):
+        raise WouldOverwrite(
+            f"{out}: holds a {name} run ({', '.join(existing)}); pass --resume to continue it or --force to replace it"
+        )
 
 
 def run_in_store(

@@ -91,3 +91,16 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
 
 def read_json(path: str | Path) -> Any:
     return json.loads(Path(path).read_text())
+
+
+def tree_listing(directory: Path) -> tuple[list[tuple[str, int, int]], float]:
+    """(every file's (relative path, size, mtime_ns) in a stable order, newest mtime): a directory's identity
+    without reading its data (the store keys a folder source by it, the nightly inbox its entries)."""
+    listing, newest = [], Path(directory).stat().st_mtime
+    for dirpath, dirnames, filenames in os.walk(directory):
+        dirnames.sort()
+        for name in sorted(filenames):
+            st = os.stat(os.path.join(dirpath, name))
+            listing.append((os.path.relpath(os.path.join(dirpath, name), directory), st.st_size, st.st_mtime_ns))
+            newest = max(newest, st.st_mtime)
+    return listing, newest

@@ -34,7 +34,7 @@ from pipeline.score import registry as reg
 from pipeline.config import Config, stable_hash
 from pipeline.errors import AstroflowError, DataError
 from pipeline.catalog.inputs import detect_kind
-from pipeline.io import atomic_write_json, read_json
+from pipeline.io import atomic_write_json, read_json, tree_listing
 from pipeline.layout import Layout
 
 STATE_FILE = "inbox_state.json"
@@ -73,13 +73,7 @@ def inbox_entry(path: Path, inbox: Path) -> InboxEntry:
     """Identity = name, size and mtime (a directory: a hash over every file's), computed without reading data."""
     name = path.relative_to(inbox).as_posix()
     if path.is_dir():
-        listing, newest = [], path.stat().st_mtime
-        for dirpath, dirnames, filenames in os.walk(path):
-            dirnames.sort()
-            for fn in sorted(filenames):
-                st = os.stat(os.path.join(dirpath, fn))
-                listing.append((os.path.relpath(os.path.join(dirpath, fn), path), st.st_size, st.st_mtime_ns))
-                newest = max(newest, st.st_mtime)
+        listing, newest = tree_listing(path)
         identity = {"name": name, "kind": "dir", "files": len(listing), "listing": stable_hash(listing)}
         return InboxEntry(name, str(path.resolve()), identity, newest)
     st = path.stat()

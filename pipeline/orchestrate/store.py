@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import Config, stable_hash
-from pipeline.io import atomic_write_json, sha256_file
+from pipeline.io import atomic_dir, atomic_write_json, sha256_file, tree_listing
 from pipeline.layout import Layout
 from pipeline.orchestrate.graph import GRAPH, stored_stages
 from pipeline.orchestrate.imports import code_digest
@@ -55,12 +55,7 @@ def path_identity(path: Path) -> dict[str, Any]:
     """Path, size and mtime of a file, or a hash of every file's (relative path, size, mtime) under a directory."""
     path = Path(path).resolve()
     if path.is_dir():
-        listing = []
-        for dirpath, dirnames, filenames in os.walk(path):
-            dirnames.sort()
-            for name in sorted(filenames):
-                st = os.stat(os.path.join(dirpath, name))
-                listing.append((os.path.relpath(os.path.join(dirpath, name), path), st.st_size, st.st_mtime_ns))
+        listing, _ = tree_listing(path)
         return {"path": str(path), "kind": "dir", "files": len(listing), "listing": stable_hash(listing)}
     if path.is_file():
         st = path.stat()
@@ -136,23 +131,24 @@ def _listing(directory: Path) -> dict[str, list[int]]:
     return out
 
 
-def _record(stage: str, key: str, summary: Mapping[str, Any], seconds: float, directory: Path) -> dict[str, Any]:
+def _record(
+    stage: str, key: str, summary: Mapping[str, Any], seconds: float, directory: Path, *, digests: bool
+) -> dict[str, Any]:
+    """The completion record. ``digests`` (SHA-256 per file) only for workspace directories, which DVC may re-copy:
+    store directories are never rewritten, so hashing their bytes would read every file a second time for nothing."""
     files = _listing(directory)
-    return json.loads(
-        json.dumps(
-            {
-                "stage": stage,
-                "key": key,
-                "token": uuid.uuid4().hex,
-                "created_at": dt.datetime.now(dt.UTC).isoformat(),
-                "seconds": round(seconds, 3),
-                "summary": dict(summary),
-                "files": files,
-                "sha256": {rel: sha256_file(directory / rel) for rel in files},
-            },
-            default=str,
-        )
-    )
+    record: dict[str, Any] = {
+        "stage": stage,
+        "key": key,
+        "token": uuid.uuid4().hex,
+        "created_at": dt.datetime.now(dt.UTC).isoformat(),
+        "seconds": round(seconds, 3),
+        "summary": dict(summary),
+        "files": files,
+    }
+    if digests:
+        record["sha256"] = {rel: sha256_file(directory / rel) for rel in files}
+    return json.loads(json.dumps(record, default=str))
 
 
 def _unchanged(directory: Path, record: dict[str, Any]) -> bool:
@@ -174,7 +170,7 @@ def workspace_record(directory: Path) -> dict[str, Any] | None:
 
 
 def write_workspace_record(directory: Path, stage: str, key: str, summary: Mapping[str, Any], seconds: float) -> None:
-    atomic_write_json(Path(directory) / WORKSPACE_MARKER, _record(stage, key, summary, seconds, Path(directory)))
+    atomic_write_json(Path(directory) / WORKSPACE_MARKER, _record(stage, key, summary, seconds, Path(directory), digests=True))
 
 
 # ------------------------------------------------------------------ the store
@@ -254,14 +250,14 @@ def build(
         tmp = Path(tempfile.mkdtemp(prefix=f".{where.key}.", suffix=".tmp", dir=parent))
         try:
             t0 = time.perf_counter()
-            adopted = adopt_from is not None and _adopt(adopt_from, where, tmp)
-            if adopted:
-                summary = json.loads((Path(adopt_from) / WORKSPACE_MARKER).read_text())["summary"]  # type: ignore[arg-type]
+            adopted = _adopt(adopt_from, where, tmp) if adopt_from is not None else None
+            if adopted is not None:
+                summary = adopted["summary"]
                 logger.info("reusing %s %s from %s (hard links)", where.stage, where.key, adopt_from)
             else:
                 logger.info("cache miss %s %s: building in %s", where.stage, where.key, where.path)
                 summary = dict(make(tmp))
-            record = _record(where.stage, where.key, summary, time.perf_counter() - t0, tmp)
+            record = _record(where.stage, where.key, summary, time.perf_counter() - t0, tmp, digests=False)
             atomic_write_json(tmp / MARKER, record)  # fsynced: the record is the commit point
             if where.path.exists():  # an unfinished directory someone made by hand: ours replaces it
                 shutil.rmtree(where.path)
@@ -269,21 +265,20 @@ def build(
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
-        return record, "adopted" if adopted else "built"
+        return record, "built" if adopted is None else "adopted"
 
 
-def _adopt(directory: Path, where: StageDir, tmp: Path) -> bool:
+def _adopt(directory: Path, where: StageDir, tmp: Path) -> dict[str, Any] | None:
+    """Link ``directory`` into ``tmp`` when its record has ``where``'s key and its files are unchanged; its record."""
     record = workspace_record(directory)
     if record is None or record.get("key") != where.key:
-        return False
+        return None
     link_tree(directory, tmp)
-    return True
+    return record
 
 
 def check_out(where: StageDir, directory: Path) -> dict[str, Any]:
     """Replace the workspace ``directory`` with hard links to the stored one, and record it there too."""
-    from pipeline.io import atomic_dir
-
     record = where.complete()
     if record is None:
         raise FileNotFoundError(where.path)

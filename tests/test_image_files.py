@@ -11,7 +11,9 @@ import pytest
 from PIL import Image
 
 from pipeline.data import image_files
-from pipeline.data.image_files import fast_jpeg_available, read_image_file, read_image_files
+from pipeline.config import PixelsConfig
+from pipeline.data.image_files import fast_jpeg_available, jpeg_size, read_image_file, read_image_files
+from pipeline.data.pixels import PixelError
 
 
 def galaxy(seed: int, size: int = 64) -> np.ndarray:
@@ -87,7 +89,7 @@ def test_every_file_decodes_to_pillows_pixels_or_pillows_error(pile: dict[str, P
     paths = list(pile.values())
     assert_same(read_image_files(paths), paths)
     good = {p.name for p, r in zip(paths, read_image_files(paths)) if isinstance(r, np.ndarray)}
-    assert good == {"baseline.jpg", "q75_444.jpg", "progressive.jpg", "trailing_bytes.jpg", "png_named.jpg", "image.png"}
+    assert good == {"baseline.jpg", "q75_444.jpg", "progressive.jpg", "trailing_bytes.jpg", "png_named.jpg", "image.png", "gray.jpg"}
 
 
 def test_a_batch_of_only_good_jpegs_takes_one_decoder_call(pile: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
@@ -119,3 +121,13 @@ def test_without_torchcodec_pillow_gives_the_same_results(pile: dict[str, Path],
             assert a == b, path.name
         else:
             np.testing.assert_array_equal(a, b, err_msg=path.name)
+
+
+def test_a_jpeg_over_the_pixel_cap_is_refused_from_its_frame_header(pile: dict[str, Path]) -> None:
+    """TorchCodec would decode any size: the cap is read from the JPEG header first, where Pillow reads it too."""
+    for name in ("baseline.jpg", "q75_444.jpg", "progressive.jpg", "gray.jpg", "cmyk.jpg"):
+        with Image.open(pile[name]) as im:
+            assert jpeg_size(pile[name].read_bytes()) == im.size, name
+    small = PixelsConfig(max_pixels=64 * 64 - 1)
+    refused = read_image_files([pile["baseline.jpg"], pile["image.png"]], small)
+    assert all(isinstance(r, PixelError) and "64x64 = 4,096 pixels" in str(r) for r in refused)

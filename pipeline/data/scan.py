@@ -20,9 +20,9 @@ from typing import Any
 import h5py
 import numpy as np
 import pandas as pd
-from tqdm.auto import tqdm
 
 from pipeline.data.prepare import PreparedDataset
+from pipeline.progress import tqdm
 
 _DIGEST_SIZE = 16
 

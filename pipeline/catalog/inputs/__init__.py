@@ -14,7 +14,8 @@ Identity (what makes a re-run a no-op):
 * ``shards``: the SHA256 of every shard from ``manifest.json`` (path-independent), else path, size and
   mtime of every ``.tar`` (:mod:`.shards`);
 * ``folder``: resolved path plus the relative path, size and mtime of every image (or of its CSV) (:mod:`.files`);
-* ``zoobot``: resolved path, size and mtime of the catalog file (:mod:`.files`).
+* ``zoobot``: resolved path, size and mtime of the catalog file (:mod:`.files`);
+* both image-file inputs add the pixel rule's settings (``data.folder.pixels``).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from pipeline.catalog.inputs.base import Chunk, ChunkPlan, InputKind, InputReade
 from pipeline.catalog.inputs.files import FolderInput, TableInput
 from pipeline.catalog.inputs.h5 import H5Input
 from pipeline.catalog.inputs.shards import ShardsInput
+from pipeline.config import PixelsConfig
 from pipeline.data.record import Record
 from pipeline.data.shards import MANIFEST
 from pipeline.errors import DataError
@@ -63,8 +65,12 @@ def open_input(
     *,
     shards_dir: Path | None = None,
     split: str = "test",
+    pixels: PixelsConfig | None = None,
 ) -> InputReader:
-    """The reader for ``path`` (``kind`` auto-detected unless given); None means ``split`` of ``shards_dir``."""
+    """The reader for ``path`` (``kind`` auto-detected unless given); None means ``split`` of ``shards_dir``.
+
+    ``pixels`` is the pixel rule for image files (``data.folder.pixels``: the one training used; default settings if None).
+    """
     if path is None:
         if shards_dir is None:
             raise DataError("no input given and no shards directory to take the test split from")
@@ -76,9 +82,9 @@ def open_input(
     if kind == "shards":
         return ShardsInput(path)
     if kind == "folder":
-        return FolderInput(path)
+        return FolderInput(path, pixels)
     if kind == "zoobot":
         if path.is_dir():
             raise DataError(f"{path}: a Zoobot catalog is a CSV or Parquet file, got a directory")
-        return TableInput(path)
+        return TableInput(path, pixels=pixels)
     raise DataError(f"unknown input kind {kind!r}; expected auto, h5, shards, folder or zoobot")

@@ -1,4 +1,9 @@
-"""Predict's image-file inputs: a folder of cutouts (with or without its CSV), and Zoobot-convention catalogs."""
+"""Predict's image-file inputs: a folder of cutouts (with or without its CSV), and Zoobot-convention catalogs.
+
+Files are decoded under the pixel rule training uses (``data.folder.pixels``, docs/pixels.md): JPEG, PNG
+and FITS, single-band or per-band FITS sets included. An entry that cannot be listed (a dangling link,
+an unreadable directory) is an error row like an unreadable image; the rest of the folder is classified.
+"""
 
 from __future__ import annotations
 
@@ -14,12 +19,12 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from pipeline.catalog.inputs.base import InputKind, InputReader, stat_identity
-from pipeline.config import stable_hash
+from pipeline.config import PixelsConfig, stable_hash
 from pipeline.data.image_files import read_image_files
+from pipeline.data.pixels import CUTOUT_SUFFIXES, is_fits, split_suffix
 from pipeline.data.record import Record, error_text, optional_float
 from pipeline.errors import DataError
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 ZOOBOT_ID, ZOOBOT_PATH = "id_str", "file_loc"
 FOLDER_ID_COLUMNS = ("id_str", "id")
 FOLDER_PATH_COLUMNS = ("file_loc", "path", "filename", "file")
@@ -37,11 +42,17 @@ class FileItem:
 
 
 class _FileInput(InputReader):
-    """Inputs whose items are image files, decoded by ``pipeline.data.image_files``."""
+    """Inputs whose items are image files, decoded by ``pipeline.data.image_files`` under ``pixels``."""
+
+    pixels: PixelsConfig
+
+    def pixels_identity(self) -> str:
+        """The rule's settings, part of the input identity: other settings give other pixels, so another run."""
+        return stable_hash(self.pixels.model_dump())
 
     def _load(self, items: list[FileItem]) -> list[Record]:
         records = [Record(it.id, it.path, it.source_row, ra=it.ra, dec=it.dec) for it in items]
-        for rec, image in zip(records, read_image_files([it.path for it in items])):
+        for rec, image in zip(records, read_image_files([it.path for it in items], self.pixels)):
             if isinstance(image, np.ndarray):
                 rec.image = image
             else:
@@ -50,17 +61,19 @@ class _FileInput(InputReader):
 
 
 class FolderInput(_FileInput):
-    """A directory of JPEG/PNG cutouts (searched recursively), or of the images listed by its one CSV.
+    """A directory of JPEG/PNG/FITS cutouts (searched recursively), or of the images listed by its one CSV.
 
-    Without a CSV the id is the image's path relative to the folder, without its suffix. With a CSV
+    Without a CSV the id is the image's path relative to the folder, without its suffix (and, for a
+    per-band FITS set, without its first band's ending; the other bands' files are read with it). With a CSV
     (exactly one ``*.csv`` at the top level) the id comes from ``id_str`` or ``id``, the path from
     ``file_loc``, ``path``, ``filename`` or ``file`` (relative to the folder), ra/dec when present.
     """
 
     kind: InputKind = "folder"
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, pixels: PixelsConfig | None = None) -> None:
         self.path = Path(path)
+        self.pixels = pixels or PixelsConfig()
         if not self.path.is_dir():
             raise DataError(f"{self.path}: image folder not found")
         csvs = sorted(self.path.glob("*.csv"))
@@ -69,31 +82,79 @@ class FolderInput(_FileInput):
                 f"{self.path}: {len(csvs)} CSV files ({', '.join(p.name for p in csvs)}); keep one, or pass the CSV "
                 "itself as a Zoobot catalog (columns id_str, file_loc)"
             )
-        self.table = TableInput(csvs[0], base_dir=self.path, id_columns=FOLDER_ID_COLUMNS, path_columns=FOLDER_PATH_COLUMNS) if csvs else None
-        self._files: list[tuple[str, int, int]] | None = None
+        self.table = (
+            TableInput(csvs[0], base_dir=self.path, id_columns=FOLDER_ID_COLUMNS, path_columns=FOLDER_PATH_COLUMNS, pixels=self.pixels)
+            if csvs
+            else None
+        )
+        self._files: list[tuple[str, int, int, str]] | None = None
 
-    def _listing(self) -> list[tuple[str, int, int]]:
-        """(relative posix path, size, mtime_ns) of every image, sorted so that chunking is stable.
+    def _listing(self) -> list[tuple[str, int, int, str]]:
+        """(relative posix path, size, mtime_ns, error or "") of every cutout file, sorted so that chunking is stable.
 
         Listed once per reader (identity, count and items share it); hidden files and folders are skipped.
+        An entry that cannot be read (a dangling link, an unreadable or repeated directory) is listed with its error.
         """
         if self._files is None:
-            found: list[tuple[str, int, int]] = []
+            found: list[tuple[str, int, int, str]] = []
             stack = [("", str(self.path))]
+            seen = {os.path.realpath(self.path)}
             while stack:
                 prefix, directory = stack.pop()
-                with os.scandir(directory) as entries:
-                    for e in entries:
-                        if e.name.startswith("."):
-                            continue
-                        if e.is_dir():
-                            stack.append((f"{prefix}{e.name}/", e.path))
-                        elif e.name.lower().endswith(IMAGE_SUFFIXES):
-                            st = e.stat()
-                            found.append((prefix + e.name, st.st_size, st.st_mtime_ns))
+                try:
+                    with os.scandir(directory) as entries:
+                        for e in sorted(entries, key=lambda e: e.name):  # which of two links is "repeated" must not vary
+                            if not e.name.startswith("."):
+                                self._list_entry(e, prefix, stack, seen, found)
+                except OSError as exc:
+                    found.append((prefix.rstrip("/") or ".", -1, 0, f"unreadable directory: {error_text(exc)}"))
             found.sort()
             self._files = found
         return self._files
+
+    @staticmethod
+    def _list_entry(e: os.DirEntry[str], prefix: str, stack: list[tuple[str, str]], seen: set[str], found: list[tuple[str, int, int, str]]) -> None:
+        rel = prefix + e.name
+        try:
+            if e.is_dir():
+                real = os.path.realpath(e.path)
+                if real in seen:
+                    found.append((rel, -1, 0, f"directory {real} is already listed (a link loop or a second link)"))
+                else:
+                    seen.add(real)
+                    stack.append((rel + "/", e.path))
+            elif e.name.lower().endswith(CUTOUT_SUFFIXES):
+                st = e.stat()
+                found.append((rel, st.st_size, st.st_mtime_ns, ""))
+        except OSError as exc:
+            found.append((rel, -1, 0, f"unreadable entry: {error_text(exc)}"))
+
+    def _cutouts(self) -> list[tuple[str, str]]:
+        """(relative path, error) of every item: a per-band FITS set is one item, named by its first band's file.
+
+        Another band's file is read with its set; without its first band's file it is an item of its own (an error row).
+        """
+        listed = {rel for rel, *_ in self._listing()}
+        keep = []
+        for rel, _, _, error in self._listing():
+            first = self._first_band(rel)
+            if error or first == rel or first not in listed:
+                keep.append((rel, error))
+        return keep
+
+    def _first_band(self, rel: str) -> str:
+        """For a FITS file of a later band (``obj_r.fits``), its first band's file (``obj_g.fits``); else ``rel``."""
+        ends = self.pixels.fits_band_files
+        stem, suffix = split_suffix(rel)
+        later = next((e for e in ends[1:] if stem.endswith(e)), None) if is_fits(rel) else None
+        return rel if later is None else stem[: len(stem) - len(later)] + ends[0] + suffix
+
+    def _item_id(self, rel: str) -> str:
+        stem = split_suffix(rel)[0] or rel
+        ends = self.pixels.fits_band_files
+        if ends and is_fits(rel) and stem.endswith(ends[0]):
+            stem = stem[: len(stem) - len(ends[0])]
+        return stem
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_files": None}  # workers only decode items: never ship the listing to them
@@ -102,21 +163,25 @@ class FolderInput(_FileInput):
     def identity(self) -> dict[str, Any]:
         if self.table is not None:
             return {"kind": "folder", "catalog": self.table.identity}
-        return {"kind": "folder", "path": str(self.path.resolve()), "listing": stable_hash(self._listing())}
+        listing = stable_hash(self._listing())
+        return {"kind": "folder", "path": str(self.path.resolve()), "listing": listing, "pixels": self.pixels_identity()}
 
     @property
     def num_items(self) -> int | None:
         if self.table is not None:
             return self.table.num_items
-        return len(self._listing())
+        return len(self._cutouts())
 
     def items(self) -> Iterator[FileItem | Record]:
         if self.table is not None:
             yield from self.table.items()
             return
         base = self.path.resolve()
-        for row, (rel, _, _) in enumerate(self._listing()):
-            yield FileItem(id=rel.rsplit(".", 1)[0], path=str(base / rel), source_row=row)
+        for row, (rel, error) in enumerate(self._cutouts()):
+            if error:
+                yield Record(self._item_id(rel), str(base / rel), row, error=error)
+            else:
+                yield FileItem(id=self._item_id(rel), path=str(base / rel), source_row=row)
 
 
 class TableInput(_FileInput):
@@ -135,8 +200,10 @@ class TableInput(_FileInput):
         base_dir: Path | None = None,
         id_columns: Sequence[str] = (ZOOBOT_ID,),
         path_columns: Sequence[str] = (ZOOBOT_PATH,),
+        pixels: PixelsConfig | None = None,
     ) -> None:
         self.path = Path(path)
+        self.pixels = pixels or PixelsConfig()
         if not self.path.is_file():
             raise DataError(f"{self.path}: catalog not found")
         self.base_dir = Path(base_dir or self.path.parent).resolve()
@@ -160,7 +227,7 @@ class TableInput(_FileInput):
 
     @property
     def identity(self) -> dict[str, Any]:
-        return {"kind": "table", **stat_identity(self.path), "columns": [self.id_col, self.path_col]}
+        return {"kind": "table", **stat_identity(self.path), "columns": [self.id_col, self.path_col], "pixels": self.pixels_identity()}
 
     @property
     def num_items(self) -> int | None:

@@ -1,7 +1,10 @@
-"""A directory of JPEG/PNG cutouts plus a CSV catalog, as astronomers keep their own data.
+"""A directory of JPEG/PNG/FITS cutouts plus a CSV catalog, as astronomers keep their own data.
 
-Every problem that can be seen before reading pixels (missing columns, missing files, unknown
-labels, duplicate ids) is reported up front, so no output is started for a catalog that cannot work.
+Every problem that can be seen before reading pixels (missing columns, missing or unreadable files,
+unknown labels, duplicate ids) is reported up front, so no output is started for a catalog that
+cannot work. Pixels follow the rule predict uses (``data.folder.pixels``, docs/pixels.md); a file the
+rule refuses stops ``prepare`` with one line naming it, because a training set must not silently
+lose or distort rows.
 """
 
 from __future__ import annotations
@@ -15,18 +18,18 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from pipeline.config import FolderConfig
-from pipeline.errors import DataError
+from pipeline.config import FolderConfig, PixelsConfig
+from pipeline.data.pixels import PixelError, fits_band_paths, is_fits, read_cutout
 from pipeline.data.record import RecordBatch
+from pipeline.errors import DataError
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
 
-
-def load_image(path: Path, *, center_crop: int | None = None, resize: int | None = None) -> np.ndarray:
-    """RGB uint8 HWC array, centre-cropped then resized; errors name the file."""
+def load_image(
+    path: Path, *, center_crop: int | None = None, resize: int | None = None, pixels: PixelsConfig | None = None
+) -> np.ndarray:
+    """RGB uint8 HWC array under the pixel rule, centre-cropped then resized; errors name the file."""
     try:
-        with Image.open(path) as im:
-            im = im.convert("RGB")
+        with Image.fromarray(read_cutout(path, pixels or PixelsConfig())) as im:
             if center_crop is not None:
                 w, h = im.size
                 if center_crop > min(w, h):
@@ -38,7 +41,9 @@ def load_image(path: Path, *, center_crop: int | None = None, resize: int | None
             return np.asarray(im)
     except DataError:
         raise
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
+    except PixelError as exc:
+        raise DataError(f"{path}: {exc} (data.folder.pixels, docs/pixels.md)") from None
+    except (UnidentifiedImageError, OSError, ValueError, KeyError) as exc:
         raise DataError(f"{path}: unreadable image ({exc})") from None
 
 
@@ -62,7 +67,7 @@ class FolderSource:
 
     def _read_catalog(self) -> tuple[list[str], np.ndarray, list[Path], list[int]]:
         cfg = self.cfg
-        with open(self.catalog, newline="") as fh:
+        with open(self.catalog, newline="", encoding="utf-8-sig") as fh:  # a byte-order mark is not part of the header
             reader = csv.DictReader(fh)
             header = reader.fieldnames or []
             missing = [c for c in (cfg.id_column, cfg.label_column, cfg.path_column) if c not in header]
@@ -74,7 +79,7 @@ class FolderSource:
         if not rows:
             raise DataError(f"{self.catalog}: the catalog has no rows")
         name_to_label = {n: i for i, n in enumerate(self.class_names)}
-        ids, labels, paths, bad_labels, missing_files = [], [], [], [], []
+        ids, labels, paths, bad_labels, missing_files, unopenable = [], [], [], [], [], []
         for line, row in enumerate(rows, start=2):
             raw = (row[cfg.label_column] or "").strip()
             if raw.lstrip("-").isdigit():
@@ -85,8 +90,10 @@ class FolderSource:
                 bad_labels.append(f"line {line}: {raw!r}")
             path = Path(row[cfg.path_column])
             path = path if path.is_absolute() else self.catalog.parent / path
-            if not path.is_file():
-                missing_files.append(str(path))
+            if isinstance(error := self._open_error(path), FileNotFoundError):  # dangling links included
+                missing_files.append(str(error.filename or path))
+            elif error is not None:
+                unopenable.append(f"{path} ({error.strerror if isinstance(error, OSError) else error})")
             ids.append(str(row[cfg.id_column]))
             labels.append(label)
             paths.append(path)
@@ -97,14 +104,26 @@ class FolderSource:
             )
         if missing_files:
             raise DataError(f"{self.catalog}: {len(missing_files)} listed image file(s) do not exist: {_max_examples(missing_files)}")
+        if unopenable:
+            raise DataError(f"{self.catalog}: {len(unopenable)} listed image file(s) cannot be opened: {_max_examples(unopenable)}")
         seen: set[str] = set()
         dupes = [i for i in ids if i in seen or seen.add(i)]  # type: ignore[func-returns-value]
         if dupes:
             raise DataError(f"{self.catalog}: column {cfg.id_column!r} must be unique; repeated: {_max_examples(dupes)}")
         return ids, np.asarray(labels, dtype=np.int64), paths, list(range(len(rows)))
 
+    def _open_error(self, path: Path) -> OSError | PixelError | None:
+        """Why a listed file (or one of its FITS band set) cannot be opened: missing, a dangling link, a directory."""
+        try:
+            for file in fits_band_paths(path, self.cfg.pixels) if is_fits(path) else [path]:
+                with open(file, "rb"):
+                    pass
+        except (OSError, PixelError) as exc:
+            return exc
+        return None
+
     def _load(self, path: Path) -> np.ndarray:
-        return load_image(path, center_crop=self.cfg.center_crop, resize=self.cfg.resize)
+        return load_image(path, center_crop=self.cfg.center_crop, resize=self.cfg.resize, pixels=self.cfg.pixels)
 
     def _probe_shape(self) -> tuple[int, int, int]:
         first = self._load(self.paths[0])

@@ -4,11 +4,14 @@
 ``nightly-catalog/nightly-catalog`` runs on ``schedule.nightly_cron`` in ``schedule.timezone`` with a
 deployment concurrency limit of one (later runs queue). Both deployments' default parameters are the
 params file's sections, so the UI's run form opens pre-filled with params.yaml; restart ``astroflow
-serve`` after editing that file.
+serve`` after editing that file. Without ``PREFECT_API_URL`` Prefect starts a temporary server for the
+process; it runs with usage analytics off unless ``PREFECT_SERVER_ANALYTICS_ENABLED`` says otherwise.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 from pathlib import Path
 from typing import Any
 
@@ -56,8 +59,18 @@ def build_deployments(cfg: Config, layout: Layout, params_path: Path | None) -> 
     return [retrain, nightly]
 
 
+def temporary_server_settings() -> contextlib.AbstractContextManager[Any]:
+    """Analytics off for the temporary server Prefect starts without ``PREFECT_API_URL`` (unless set explicitly)."""
+    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_ANALYTICS_ENABLED, temporary_settings
+
+    if PREFECT_API_URL.value() or PREFECT_SERVER_ANALYTICS_ENABLED.name in os.environ:
+        return contextlib.nullcontext()
+    return temporary_settings(updates={PREFECT_SERVER_ANALYTICS_ENABLED: False})
+
+
 def serve(cfg: Config, layout: Layout, params_path: Path | None) -> None:
     """Register both deployments and run their flow runs from this process until interrupted."""
     from prefect import serve as prefect_serve
 
-    prefect_serve(*build_deployments(cfg, layout, params_path))
+    with temporary_server_settings():
+        prefect_serve(*build_deployments(cfg, layout, params_path))

@@ -7,11 +7,17 @@ file's name, so ``ans`` is spelt in this module only.
 
 A truncated file can be opened for what is left of it (``allow_truncated``): predict classifies the rows still on
 disk and reports the others (:meth:`H5File.rows_lost`); every other reader refuses such a file.
+
+An intact file must hold what its shapes declare, checked on opening before any work: every chunk of a chunked
+column written, a contiguous column allocated and inside the file. A shape is only a header: a 2 KB file can declare
+10**9 images whose chunks were never written (a forged file, or a writer that died after ``create_dataset``), which
+would read as zeros and send ``prepare`` writing towards a petabyte.
 """
 
 from __future__ import annotations
 
 import io
+import math
 import os
 import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -107,6 +113,29 @@ def _rows_beyond(dset: h5py.Dataset, real_size: int) -> list[tuple[int, int]]:
     return bad
 
 
+_SCHEMA = (IMAGES, "label", "id", *OPTIONAL_FLOAT_FIELDS, "source_row")
+
+
+def _unwritten(dset: h5py.Dataset, file_size: int) -> str | None:
+    """Why ``dset`` cannot hold the rows its shape declares (chunks never written, data past the end), or None."""
+    plist = dset.id.get_create_plist()
+    if dset.size == 0 or plist.get_layout() not in (h5py.h5d.CONTIGUOUS, h5py.h5d.CHUNKED) or plist.get_external_count():
+        return None
+    declared = f"declares shape {dset.shape} ({dset.nbytes:,} bytes)"
+    if dset.chunks is None:
+        offset = dset.id.get_offset()
+        if offset is None:
+            return f"{declared} but none of it was ever written"
+        if offset + dset.nbytes > file_size:
+            return f"{declared} but the file holds {file_size:,} bytes"
+        return None
+    expected = math.prod(math.ceil(n / c) for n, c in zip(dset.shape, dset.chunks))
+    written = dset.id.get_num_chunks()
+    if written < expected:
+        return f"{declared} in {expected:,} chunks but only {written:,} were ever written"
+    return None
+
+
 class H5File:
     """One Galaxy10-schema file: its image array checked on opening, rows read by range, picklable for workers.
 
@@ -139,10 +168,21 @@ class H5File:
                 self.num_rows = int(images.shape[0])
                 self.image_shape: tuple[int, ...] = tuple(int(x) for x in images.shape[1:])
                 self.image_dtype = np.dtype(images.dtype)
+                if self.claimed_size is None:  # a truncated file's lost rows are rows_lost's
+                    self._check_written(f)
             except DataError:
                 raise
             except Exception as exc:  # a truncation can destroy any header: each fails its own way
                 raise DataError(f"{self.path}: cannot read the HDF5 structure ({error_text(exc)})") from None
+
+    def _check_written(self, f: h5py.File) -> None:
+        """Refuse a schema column whose declared rows are not all on disk (see the module docstring)."""
+        size = self.path.stat().st_size
+        for name in _SCHEMA:
+            dset = f.get(field(name))
+            why = _unwritten(dset, size) if isinstance(dset, h5py.Dataset) else None
+            if why:
+                raise DataError(f"{self.path}: field {field(name)!r} {why}; expected every declared row written to the file")
 
     def _open(self) -> tuple[_PaddedFile | None, h5py.File]:
         wrapper = _PaddedFile(self.path, self.claimed_size) if self.claimed_size else None

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from pipeline.config import Config, DataConfig
 from pipeline.layout import StageRun
@@ -28,6 +27,7 @@ from pipeline.data.h5 import STRING, H5File, H5Writer
 from pipeline.data.record import OPTIONAL_FLOAT_FIELDS, RecordBatch
 from pipeline.data.sources import open_source
 from pipeline.data.sources.base import Source
+from pipeline.progress import tqdm
 
 DATASET_FILE = "dataset.h5"
 FORMAT_VERSION = 2  # 2: the source row is stored as ``source_row`` (was ``source_index``)

@@ -15,7 +15,7 @@ from typing import Any
 
 from pipeline.config import Config
 from pipeline.errors import WouldOverwrite
-from pipeline.io import atomic_write_json
+from pipeline.io import LEGACY_AGE_S, atomic_write_json, check_writable, remove_stale_temporaries
 from pipeline.layout import Layout, StageRun
 from pipeline.orchestrate import store
 from pipeline.orchestrate.graph import GRAPH
@@ -47,6 +47,7 @@ def run_in_workspace(
     out = layout.stage_dir(name)
     refuse_overwrite(name, layout, resume=resume, force=force)
     summary_file = layout.resolve(spec.summary_file) if spec.summary_file else None
+    remove_leftovers(out, summary_file)
     key = store.workspace_key(name, cfg, layout) if spec.stored else None
     t0 = time.perf_counter()
     if key is not None and not resume:
@@ -66,10 +67,21 @@ def run_in_workspace(
     return Outcome(name, "built", summary, key, out, seconds)
 
 
+def remove_leftovers(out: Path, summary_file: Path | None) -> None:
+    """Remove the temporaries killed runs left beside the outputs (``pipeline.io``'s rule; the workspace is the CLI's,
+    so earlier versions' pid-less names too)."""
+    for directory in {out, out.parent, *([summary_file.parent] if summary_file is not None else [])}:
+        remove_stale_temporaries(directory, legacy_age_s=LEGACY_AGE_S)
+
+
 def refuse_overwrite(name: str, layout: Layout, *, resume: bool, force: bool) -> None:
-    """Raise when ``name`` is resumable, its workspace outputs exist, and neither ``resume`` nor ``force`` was asked."""
+    """Raise when an output directory of ``name`` cannot be written (a user error before any work, not a traceback
+    after an epoch), or when ``name`` is resumable, its outputs exist, and neither ``resume`` nor ``force`` was asked."""
     spec = GRAPH[name]
     out = layout.stage_dir(name)
+    check_writable(out)
+    if spec.summary_file:
+        check_writable(layout.resolve(spec.summary_file).parent)
     existing = [o.path for o in spec.outs if spec.resumable and (out / o.path).exists()]
     if existing and not (resume or force):
         raise WouldOverwrite(

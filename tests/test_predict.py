@@ -228,6 +228,8 @@ def test_chunk_ids_follow_the_input_identity(tmp_path: Path) -> None:
     first = [c.chunk_id for c in plan_chunks(open_input(src), 8)]
     assert first == [c.chunk_id for c in plan_chunks(open_input(src), 8)] and len(first) == 3
     assert [c.index for c in plan_chunks(open_input(src), 8, done={0, 2})] == [1]
+    whole = [(c.index, c.chunk_id, c.items) for c in plan_chunks(open_input(src), 8)]
+    assert [(c.index, c.chunk_id, c.items) for c in plan_chunks(open_input(src), 8, first=1)] == whole[1:]
     os.utime(src, ns=(time.time_ns(), time.time_ns() + 10**9))
     assert set(first).isdisjoint(c.chunk_id for c in plan_chunks(open_input(src), 8))
 
@@ -235,13 +237,14 @@ def test_chunk_ids_follow_the_input_identity(tmp_path: Path) -> None:
 # ------------------------------------------------------------------ resume and idempotency
 
 
-def test_kill_and_restart_gives_every_id_once(tmp_path: Path, ckpt: Path) -> None:
-    n, chunk = 320, 16
-    src = write_h5(tmp_path / "in.h5", images(n, seed=6), ids=[f"k{i}" for i in range(n)])
-    out = tmp_path / "cat"
+def _predict_args(src: Path, out: Path, chunk: int) -> list[str]:
     sets = ["predict.device=cpu", "predict.workers=1", "predict.threads=1", "predict.batch_size=8", f"predict.chunk_size={chunk}"]
-    args = [sys.executable, "-m", "pipeline.catalog.predict", "--checkpoint", str(ckpt), "--input", str(src), "--output", str(out), "-q"]
-    args += [a for s in sets for a in ("--set", s)]
+    args = [sys.executable, "-m", "pipeline.catalog.predict", "--checkpoint", "CKPT", "--input", str(src), "--output", str(out), "-q"]
+    return args + [a for s in sets for a in ("--set", s)]
+
+
+def _sigkill_after_a_commit(args: list[str], out: Path) -> int:
+    """Start ``predict`` in a subprocess, SIGKILL it once a chunk is committed; the committed chunk count."""
     proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 90
     try:
@@ -257,9 +260,18 @@ def test_kill_and_restart_gives_every_id_once(tmp_path: Path, ckpt: Path) -> Non
         if proc.stderr:
             proc.stderr.close()
     assert proc.returncode == -signal.SIGKILL
-    committed = len(list(out.glob("runs/*/chunks/*.json")))
+    return len(list(out.glob("runs/*/chunks/*.json")))
+
+
+def test_kill_and_restart_gives_every_id_once(tmp_path: Path, ckpt: Path) -> None:
+    n, chunk = 320, 16
+    src = write_h5(tmp_path / "in.h5", images(n, seed=6), ids=[f"k{i}" for i in range(n)])
+    out = tmp_path / "cat"
+    args = [str(ckpt) if a == "CKPT" else a for a in _predict_args(src, out, chunk)]
+    committed = _sigkill_after_a_commit(args, out)
     assert 1 <= committed < n // chunk, "the kill must land mid-run"
     assert not list(out.glob("runs/*/complete.json"))
+    assert not list(out.glob("predictions/*/*.parquet"))  # an unfinished run's rows are not visible
 
     s = predict(config(chunk_size=chunk), ckpt, src, out, progress=False)
     assert s["num_skipped_chunks"] == committed and s["num_chunks"] == n // chunk
@@ -267,6 +279,20 @@ def test_kill_and_restart_gives_every_id_once(tmp_path: Path, ckpt: Path) -> Non
     df = check_catalog(out, s["run_id"])
     assert sorted(df["id"]) == sorted(f"k{i}" for i in range(n))  # each id exactly once (check_catalog: unique)
     assert not list(out.rglob(".*.tmp"))
+
+
+def test_an_abandoned_killed_run_leaves_no_rows_beside_the_next_one(tmp_path: Path, ckpt: Path) -> None:
+    """kill -9 mid-run, touch the input (a new run id), predict again: readers see each id once, not the dead run's rows too."""
+    n, chunk = 160, 16
+    src = write_h5(tmp_path / "survey.h5", images(n, seed=22), ids=[f"s{i}" for i in range(n)])
+    out = tmp_path / "cat"
+    args = [str(ckpt) if a == "CKPT" else a for a in _predict_args(src, out, chunk)]
+    assert 1 <= _sigkill_after_a_commit(args, out) < n // chunk
+    os.utime(src, ns=(time.time_ns(), time.time_ns() + 10**9))  # touch: a new input identity, a new run
+    assert predict(config(chunk_size=chunk), ckpt, src, out, progress=False)["num_written"] == n
+    for df in (pd.read_parquet(out / C.PREDICTIONS), pq.read_table(out / C.PREDICTIONS).to_pandas(), C.read_predictions(out)):
+        assert len(df) == n and sorted(df["id"]) == sorted(f"s{i}" for i in range(n))
+    assert [r["complete"] is not None for r in C.Catalog(out).runs()] == [False, True]
 
 
 def test_rerun_does_nothing_and_a_new_model_reclassifies(tmp_path: Path, ckpt: Path, ckpt_b: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -358,7 +384,7 @@ def test_a_commit_another_worker_made_first_is_kept(tmp_path: Path, ckpt: Path) 
         chunk_id = json.loads(record)["chunk_id"]
         assert late.commit(0, chunk_id, empty, C.ERROR_SCHEMA.empty_table(), {}) is None
     assert (out / "runs" / plan.run_id / "chunks" / "000000.json").read_text() == record
-    assert len(read_run(out, plan.run_id)) == 16
+    assert pq.read_table(out / "runs" / plan.run_id / C.PREDICTIONS).num_rows == 16  # staged until the run completes
 
 
 def test_a_whole_run_writer_makes_workers_wait_not_fail(tmp_path: Path, ckpt: Path) -> None:
@@ -427,7 +453,7 @@ def test_bad_images_go_to_the_errors_table(tmp_path: Path, ckpt: Path, capsys: p
     write_png(folder / "gray.png", images(1, seed=10)[0][..., 0])
     Image.fromarray(np.zeros((SIZE, SIZE, 4), np.uint8)).save(folder / "rgba.png")
     write_png(folder / "wide.png", np.zeros((SIZE, 2 * SIZE, 3), np.uint8))
-    bad = {"corrupt", "truncated", "gray", "rgba", "wide"}
+    bad = {"corrupt", "truncated", "rgba", "wide"}  # gray is converted by the pixel rule (docs/pixels.md), as in training
 
     out = tmp_path / "cat"
     rc = main(["--checkpoint", str(ckpt), "--input", str(folder), "--output", str(out), "-q",
@@ -435,15 +461,15 @@ def test_bad_images_go_to_the_errors_table(tmp_path: Path, ckpt: Path, capsys: p
     assert rc == 3
     captured = capsys.readouterr()
     summary = json.loads(captured.out)
-    assert summary["num_errors"] == len(bad) and summary["num_predicted"] == 9
+    assert summary["num_errors"] == len(bad) and summary["num_predicted"] == 10
     assert f"{len(bad)} input(s) could not be classified" in captured.err
     errors = C.read_errors(out).set_index("id")
     assert set(errors.index) == bad
     assert "truncated" in errors.loc["truncated", "reason"]
-    assert "mode L" in errors.loc["gray", "reason"] and "mode RGBA" in errors.loc["rgba", "reason"]
+    assert "mode RGBA has transparent pixels" in errors.loc["rgba", "reason"]
     assert "square" in errors.loc["wide", "reason"]
     assert list(C.errors_dataset(out).schema.names) == C.ERROR_SCHEMA.names + ["run"]
-    assert sorted(check_catalog(out, summary["run_id"])["id"]) == [f"ok{i}" for i in range(9)]
+    assert sorted(check_catalog(out, summary["run_id"])["id"]) == ["gray", *(f"ok{i}" for i in range(9))]
 
 
 def test_streams_give_the_rows_and_probabilities_of_one_stream(tmp_path: Path, ckpt: Path) -> None:
@@ -513,6 +539,19 @@ def test_truncated_shard(tmp_path: Path, ckpt: Path, shards_dir: tuple[Path, pd.
     s = predict(config(), ckpt, copy.parent, tmp_path / "cat", progress=False)
     assert s["num_errors"] >= 1 and s["num_predicted"] >= 1 and s["num_predicted"] + s["num_errors"] <= 10
     assert C.read_errors(tmp_path / "cat")["reason"].str.contains("truncated|unreadable shard").all()
+
+
+def test_out_of_range_coordinates_become_null_and_are_counted(tmp_path: Path, ckpt: Path) -> None:
+    n = 20
+    src = write_h5(tmp_path / "in.h5", images(n, seed=23), ids=[f"o{i}" for i in range(n)])
+    with h5py.File(src, "a") as f:  # rows 1, 2, 5: ra 360 and -0.5, dec -90.5; row 3 (dec NaN) and the edges stay valid
+        f["ra"][1], f["ra"][2], f["dec"][5], f["ra"][4], f["dec"][7] = 360.0, -0.5, -90.5, 0.0, 90.0
+    s = predict(config(chunk_size=8), ckpt, src, tmp_path / "cat", progress=False)
+    assert (s["num_predicted"], s["num_errors"], s["num_coords_out_of_range"]) == (n, 0, 3)  # the run goes on
+    df = C.read_predictions(tmp_path / "cat").set_index("id").loc[[f"o{i}" for i in range(8)]]
+    assert df["ra"].isna().tolist() == [False, True, True, False, False, False, False, False]
+    assert df["dec"].isna().tolist() == [True, False, False, True, False, True, True, False]  # rows 0, 3, 6: NaN in the file
+    assert (df.loc["o4", "ra"], df.loc["o7", "dec"]) == (0.0, 90.0)
 
 
 def test_unusable_input_is_an_error_not_a_crash(tmp_path: Path, ckpt: Path) -> None:

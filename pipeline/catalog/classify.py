@@ -22,7 +22,6 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import torch
-from tqdm.auto import tqdm
 
 from pipeline.catalog.inputs import InputReader, Record, check_image, plan_chunks
 from pipeline.catalog.parquet import ERROR_SCHEMA, Catalog, Run, prediction_schema, prob_columns
@@ -31,6 +30,11 @@ from pipeline.data.transforms import eval_batch_transform
 from pipeline.errors import DataError
 from pipeline.runtime import compute_threads, resolve_device
 from pipeline.score.trained_model import Backend, OnnxBackend, TorchBackend, TrainedModel, probabilities
+from pipeline.progress import tqdm
+
+
+COORDS_OUT_OF_RANGE = "num_coords_out_of_range"
+"""Rows whose ra or dec was outside [0, 360) x [-90, 90] and was stored as null (chunk records, summary)."""
 
 
 def say(message: str) -> None:
@@ -180,6 +184,20 @@ def _entropy(p: np.ndarray) -> np.ndarray:
         return -np.where(p > 0, p * np.log(p), 0.0).sum(axis=1)
 
 
+def null_bad_coords(records: list[Record]) -> int:
+    """Set ra outside [0, 360) or dec outside [-90, 90] to null (one row's bad value is no reason to stop a run);
+    returns how many records had one, for the run summary."""
+    bad = 0
+    for rec in records:
+        ra_bad = rec.ra is not None and not 0.0 <= rec.ra < 360.0
+        dec_bad = rec.dec is not None and not -90.0 <= rec.dec <= 90.0
+        if ra_bad or dec_bad:
+            bad += 1
+            rec.ra = None if ra_bad else rec.ra
+            rec.dec = None if dec_bad else rec.dec
+    return bad
+
+
 def _prediction_table(
     records: list[Record], probs: np.ndarray, schema: pa.Schema, class_names: list[str], const: dict[str, Any]
 ) -> pa.Table:
@@ -216,6 +234,40 @@ def _error_table(records: list[Record], const: dict[str, Any]) -> pa.Table:
     return pa.table({f.name: pa.array(cols[f.name], type=f.type) for f in ERROR_SCHEMA}, schema=ERROR_SCHEMA)
 
 
+def scored_tables(
+    parts: Iterable[tuple[list[Record], np.ndarray]], class_names: list[str], const: dict[str, Any]
+) -> tuple[pa.Table, pa.Table, int]:
+    """(predictions, errors, rows with out-of-range coordinates) of scored batches: what a chunk commits and the API returns.
+
+    ``parts`` are ``(records, probabilities of the records without error)`` in input order; ``const`` holds
+    the columns equal on every row (``model_id``, ``tta``, ``temperature``, ``run_ts``).
+    """
+    good: list[Record] = []
+    bad: list[Record] = []
+    probs = [np.zeros((0, len(class_names)))]
+    for recs, p in parts:
+        good.extend(r for r in recs if r.error is None)
+        bad.extend(r for r in recs if r.error is not None)
+        probs.append(p)
+    bad_coords = null_bad_coords(good)
+    table = _prediction_table(good, np.concatenate(probs), prediction_schema(class_names), class_names, const)
+    return table, _error_table(bad, const), bad_coords
+
+
+def classify_items(
+    reader: InputReader, items: list[Any], model: TrainedModel, backend: Backend, *, batch_size: int, tta: bool, const: dict[str, Any]
+) -> tuple[pa.Table, pa.Table, int]:
+    """Classify ``items`` of ``reader`` in this process, as one chunk of a run would be (the Python API's path).
+
+    Same decoding, checks, preprocessing, scores and rows as :func:`run_chunks`; ``const["temperature"]`` is applied.
+    """
+    decoder = _BatchDecoder(reader, model.img_size, model.input_range)
+    specs = [(0, b, items[i : i + batch_size]) for b, i in enumerate(range(0, len(items), batch_size))]
+    n = len(model.class_names)
+    scored = score_stream(backend, map(decoder.__getitem__, specs), 1, tta=tta, temperature=const["temperature"], num_classes=n)
+    return scored_tables(((dec.records, p) for dec, p in scored), model.class_names, const)
+
+
 # ------------------------------------------------------------------ chunks
 
 
@@ -233,7 +285,6 @@ class _Chunks:
         self.run, self.reader, self.chunk_size, self.batch_size = run, s.reader, chunk_size, pc.batch_size
         self.done, self.selected = done, selected
         self.class_names = s.model.class_names
-        self.schema = prediction_schema(self.class_names)
         self.const = {"model_id": s.model.model_id, "tta": pc.tta, "temperature": s.temperature, "run_ts": run.started_at}
         self.states: dict[int, _ChunkState] = {}
         self.planned: set[int] = set()
@@ -242,7 +293,8 @@ class _Chunks:
     def specs(self) -> Iterator[tuple[int, int, list[Any]]]:
         """``(chunk, batch, items)`` of every pending chunk (of the ``selected`` ones, if given), in input order."""
         last = max(self.selected) if self.selected else None
-        for plan in plan_chunks(self.reader, self.chunk_size, done=self.done):
+        first = min(self.selected) if self.selected else 0
+        for plan in plan_chunks(self.reader, self.chunk_size, done=self.done, first=first):
             if last is not None and plan.index > last:
                 return
             if self.selected is not None and plan.index not in self.selected:
@@ -261,17 +313,9 @@ class _Chunks:
             self._commit(dec.chunk, self.states.pop(dec.chunk))
 
     def _commit(self, index: int, state: _ChunkState) -> None:
-        good: list[Record] = []
-        bad: list[Record] = []
-        probs = []
-        for b in range(state.num_batches):
-            recs, p = state.parts[b]
-            good.extend(r for r in recs if r.error is None)
-            bad.extend(r for r in recs if r.error is not None)
-            probs.append(p)
-        table = _prediction_table(good, np.concatenate(probs), self.schema, self.class_names, self.const)
-        errors = _error_table(bad, self.const)
-        if self.run.commit(index, state.chunk_id, table, errors, {}) is None:
+        parts = [state.parts[b] for b in range(state.num_batches)]
+        table, errors, bad_coords = scored_tables(parts, self.class_names, self.const)
+        if self.run.commit(index, state.chunk_id, table, errors, {COORDS_OUT_OF_RANGE: bad_coords}) is None:
             return  # another worker of the run committed it first; its rows stand
         self.stats["written"] += table.num_rows
         self.stats["errors"] += errors.num_rows

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Container, Iterator, Sequence
 from dataclasses import dataclass, field, replace
+from itertools import islice
 from pathlib import Path
 from typing import Any, Literal
 
@@ -107,14 +108,18 @@ class Chunk:
         return [r for r in self.records if r.error is not None]
 
 
-def plan_chunks(reader: InputReader, chunk_size: int, *, done: Container[int] = ()) -> Iterator[ChunkPlan]:
-    """Chunks of ``chunk_size`` items in input order, skipping the indices in ``done``."""
+def plan_chunks(reader: InputReader, chunk_size: int, *, done: Container[int] = (), first: int = 0) -> Iterator[ChunkPlan]:
+    """Chunks of ``chunk_size`` items in input order from chunk ``first`` on, skipping the indices in ``done``.
+
+    A fan-out call for chunk ``first`` skips the items before it without buffering them, so the calls of a run
+    cost O(items) each in C (``islice``), not a Python loop over every earlier chunk.
+    """
     if chunk_size <= 0:
         raise ValueError("chunk_size must be positive")
     key = reader.input_key(chunk_size)
     buf: list[Any] = []
-    index = 0
-    for item in reader.items():
+    index = first
+    for item in islice(reader.items(), first * chunk_size, None):
         buf.append(item)
         if len(buf) == chunk_size:
             if index not in done:

@@ -38,11 +38,14 @@ from pipeline.layout import Layout
 from pipeline.orchestrate.graph import stored_stages
 from pipeline.orchestrate.runner import run_in_store
 from pipeline.orchestrate.store import StageDir, plan_keys
-from pipeline.learn.train import BEST
+from pipeline.learn.outputs import learning_curves_png
+from pipeline.learn.train import BEST, HISTORY
+from pipeline.score.metrics import significant
 
 FLOW_NAME = "train-pipeline"
-SECTIONS = ("data", "validate", "split", "shard", "model", "train", "evaluate", "calibrate", "registry")
-"""params.yaml sections that are parameters of this flow; the rest come from ``base_params``."""
+SECTIONS = ("model", "train", "evaluate", "calibrate", "registry", "data", "validate", "split", "shard")
+"""params.yaml sections that are parameters of this flow, in the form's order (what people edit first; the data
+sections, with their class names, last); the rest come from ``base_params``."""
 
 
 def _stage_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str | None:
@@ -83,8 +86,13 @@ def register_task(cfg: Config, layout_root: str, results: dict[str, dict[str, An
     return {"model_id": mid, "decision": decision.to_dict(), "production_id": reg.production_id(root), "registry": str(root)}
 
 
-def _png_data_uri(path: Path) -> str:
-    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
+def _png_data_uri(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode()
+
+
+def _rounded(values: dict[str, Any]) -> dict[str, Any]:
+    """Floats to 4 significant digits: 0.572, not 0.5720000000000001."""
+    return {k: significant(v) if isinstance(v, float) else v for k, v in values.items()}
 
 
 @task(name="publish-artifacts", cache_policy=NO_CACHE)
@@ -97,22 +105,30 @@ def publish_task(results: dict[str, dict[str, Any]], registered: dict[str, Any])
     headline = ("top1", "top5", "macro_f1", "balanced_accuracy", "error_rate", "ece", "nll", "ece_after", "nll_after", "temperature")
     create_table_artifact(
         key="retrain-metrics",
-        table=[{"metric": k, "value": metrics[k]} for k in headline if metrics.get(k) is not None],
+        table=[{"metric": k, "value": significant(metrics[k])} for k in headline if metrics.get(k) is not None],
         description=f"Test-split metrics of model {mid}",
     )
     keys.append("retrain-metrics")
-    per_class = [{"class": name, **values} for name, values in metrics.get("per_class", {}).items()]
+    per_class = [{"class": name, **_rounded(values)} for name, values in metrics.get("per_class", {}).items()]
     create_table_artifact(key="retrain-per-class", table=per_class, description=f"Per-class test metrics of model {mid}")
     keys.append("retrain-per-class")
     confusion = eval_dir / CONFUSION_PNG
     report = (eval_dir / "report.md").read_text()
     if confusion.is_file():
-        uri = _png_data_uri(confusion)
+        uri = _png_data_uri(confusion.read_bytes())
         report = report.replace(f"]({CONFUSION_PNG})", f"]({uri})")
         create_image_artifact(image_url=uri, key="retrain-confusion-matrix", description=f"Test-split confusion matrix of model {mid}")
         keys.append("retrain-confusion-matrix")
     create_markdown_artifact(key="retrain-report", markdown=report, description=f"Evaluation report of model {mid}")
     keys.append("retrain-report")
+    history = Path(results["train"]["path"]) / HISTORY
+    if history.is_file():
+        create_image_artifact(
+            image_url=_png_data_uri(learning_curves_png(history)),
+            key="retrain-learning-curves",
+            description=f"Learning curves of model {mid}: loss, and validation top-1 and macro-F1, per epoch",
+        )
+        keys.append("retrain-learning-curves")
     d = registered["decision"]
     stages = "\n".join(f"| {s} | `{r['key']}` | `{r['path']}` |" for s, r in results.items())
     create_markdown_artifact(
@@ -139,26 +155,40 @@ def _flow_run_id() -> str | None:
 
 @flow(name=FLOW_NAME, description="the graph's stored stages (prepare ... evaluate), then register and maybe promote")
 def train_pipeline(
-    data: DataConfig = DataConfig(),
-    validate: ValidateConfig = ValidateConfig(),
-    split: SplitConfig = SplitConfig(),
-    shard: ShardConfig = ShardConfig(),
     model: ModelConfig = ModelConfig(),
     train: TrainConfig = TrainConfig(),
     evaluate: EvaluateConfig = EvaluateConfig(),
     calibrate: CalibrateConfig = CalibrateConfig(),
     registry: RegistryConfig = RegistryConfig(),
+    data: DataConfig = DataConfig(),
+    validate: ValidateConfig = ValidateConfig(),
+    split: SplitConfig = SplitConfig(),
+    shard: ShardConfig = ShardConfig(),
     base_params: str | None = None,
     workdir: str = ".",
 ) -> dict[str, Any]:
     """Train, evaluate and maybe promote a model; stages whose key exists are reused, from the store or the workspace.
 
     Each section parameter overrides only the fields it sets on top of ``base_params`` (a params.yaml,
-    relative to ``workdir``); ``workdir`` is where relative paths in the config resolve.
+    relative to ``workdir``); ``workdir`` is where relative paths in the config resolve. Every parameter
+    is optional: a field left out keeps the params file's value.
+
+    Args:
+        model: The network and its input size.
+        train: The training recipe (stage train).
+        evaluate: Test-split evaluation (stages evaluate and calibrate).
+        calibrate: Softmax temperature scaling (stage calibrate).
+        registry: The model registry and its promotion rule.
+        data: Where the images and labels come from (stage prepare).
+        validate: Data checks before sharding (stage validate, great-expectations).
+        split: The stratified train/val/test split (stage shard).
+        shard: How the WebDataset shards are written (stage shard).
+        base_params: The params file the sections apply to, relative to workdir; none: the built-in defaults.
+        workdir: The directory relative paths in the configuration resolve against.
     """
     logger = get_run_logger()
     layout = Layout(Path(workdir).resolve())
-    sections = dict(zip(SECTIONS, (data, validate, split, shard, model, train, evaluate, calibrate, registry)))
+    sections = dict(zip(SECTIONS, (model, train, evaluate, calibrate, registry, data, validate, split, shard)))
     cfg = config_from_parameters(base_params, layout.root, sections)
     store_root = layout.resolve(cfg.schedule.cache_root)
     keys = plan_keys(cfg, layout)

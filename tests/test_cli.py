@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import h5py
 import numpy as np
 import pytest
+import yaml
 
 from conftest import make_galaxy10_h5
 
@@ -47,6 +50,7 @@ def test_run_on_any_galaxy10_schema_file_with_its_own_classes(tmp_path):
     for path in ["data/validation/summary.md", "data/shards/manifest.json", "data/train/best.pt", "data/eval/confusion.png", "params.resolved.yaml"]:
         assert (work / path).is_file(), path
     assert "stage times" in proc.stderr
+    assert "stage 3/7 shard: " in proc.stderr and "stage 7/7 predict: " in proc.stderr  # the overall progress line
 
 
 def test_config_errors_stop_before_any_work(tmp_path):
@@ -104,3 +108,45 @@ def test_a_training_run_is_not_replaced_without_resume_or_force(tmp_path, comman
     forced = astroflow("train", "-q", "--force", "--workdir", str(tmp_path), cwd=tmp_path)
     assert forced.returncode == 2 and "--resume" not in forced.stderr  # past the guard: now it needs shards
     assert "shards" in forced.stderr or "manifest" in forced.stderr, forced.stderr
+
+
+def _all_parsers(parser: Any) -> list[Any]:
+    """``parser`` and every sub-command parser below it."""
+    import argparse
+
+    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return [parser, *(p for a in subs for sub in a.choices.values() for p in _all_parsers(sub))]
+
+
+def test_every_command_help_has_examples_and_no_markup():
+    from pipeline.cli import build_parser
+
+    parsers = _all_parsers(build_parser())
+    assert len(parsers) > 20
+    for parser in parsers:
+        text = parser.format_help()
+        assert "``" not in text and ":class:" not in text, parser.prog
+        examples = text.split("examples:\n", 1)[-1].splitlines() if "examples:\n" in text else []
+        assert examples and all("astroflow " in line for line in examples), parser.prog
+
+
+def test_version_and_help_from_the_command_line(tmp_path):
+    version = astroflow("--version", cwd=tmp_path)
+    assert version.returncode == 0 and version.stdout.strip() == f"astroflow {importlib.metadata.version('astroflow')}"
+    help_text = astroflow("train", "--help", cwd=tmp_path).stdout
+    assert "examples:\n  astroflow train --force" in help_text and "``" not in help_text
+
+
+def test_params_explain_prints_every_description_as_valid_yaml(tmp_path):
+    from pipeline.config import Config
+
+    proc = astroflow("params", "--explain", "--set", "train.epochs=7", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert yaml.safe_load(proc.stdout) == {**Config().to_dict(), "train": {**Config().to_dict()["train"], "epochs": 7}}
+    lines = proc.stdout.splitlines()
+    epochs = lines.index("  epochs: 7")
+    assert lines[epochs - 1] == f"  # {Config.model_fields['train'].annotation.model_fields['epochs'].description}"
+    comments = " ".join(line.strip().lstrip("# ") for line in lines if line.lstrip().startswith("#"))
+    for field in Config.model_fields.values():
+        assert field.description in comments
+

@@ -22,12 +22,12 @@ import pyarrow.parquet as pq
 import webdataset as wds
 from isal import isal_zlib
 from PIL import Image
-from tqdm.auto import tqdm
 
 from pipeline.config import Config, ShardConfig
 from pipeline.layout import StageRun
 from pipeline.errors import DataError
 from pipeline.io import atomic_dir, atomic_write_json, read_json, sha256_file
+from pipeline.progress import tqdm
 from pipeline.data.prepare import PreparedDataset
 from pipeline.data.record import OPTIONAL_FLOAT_FIELDS, RecordBatch
 

@@ -46,19 +46,24 @@ def stage_entry(stage: Stage) -> dict[str, Any]:
     entry["params"] = list(stage.params)
     entry["outs"] = [_out(stage, o) for o in stage.outs]
     if stage.metrics:
-        entry["metrics"] = [{_path(stage, m): {"cache": False}} for m in stage.metrics]
+        entry["metrics"] = [_path(stage, m) for m in stage.metrics]
     return entry
 
 
 def _plots() -> list[dict[str, Any]]:
-    plots = []
-    for stage in STAGES:
-        for p in stage.plots:
-            spec: dict[str, Any] = {"x": p.x, "y": {_path(stage, p.file): list(p.y) if len(p.y) > 1 else p.y[0]}}
-            if p.template:
-                spec = {"template": p.template, "x": p.x, "y": {_path(stage, p.file): p.y[0]}}
-            plots.append({p.title: spec})
-    return plots
+    return [
+        {
+            p.title: {
+                "template": p.template,
+                "x": p.x,
+                "y": {_path(stage, file): column for file, column in p.y},
+                "x_label": p.x_label,
+                "y_label": p.y_label,
+            }
+        }
+        for stage in STAGES
+        for p in stage.plots
+    ]
 
 
 def render() -> str:

@@ -20,7 +20,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from pipeline.score import metrics as M
 from pipeline.config import Config
@@ -32,8 +31,12 @@ from pipeline.data.reader import StreamSpec, make_loader
 from pipeline.data.shards import load_manifest, shard_urls
 from pipeline.data.transforms import eval_transform
 from pipeline.score.trained_model import TorchBackend, TrainedModel, scores
+from pipeline.progress import tqdm
 
 CONFUSION_PNG = "confusion.png"
+HEADLINE_FILE = "headline.json"
+HEADLINE = ("top1", "macro_f1", "balanced_accuracy", "ece", "ece_after")
+"""The few numbers ``dvc metrics show`` and ``dvc exp show`` list for a model (``metrics.json`` holds everything)."""
 
 
 @dataclass
@@ -144,7 +147,8 @@ def evaluate(
     metrics_path: Path | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Score the ``test`` split and write metrics.json, confusion.{png,csv}, predictions.csv and report.md.
+    """Score the ``test`` split and write metrics.json, headline.json, confusion.{png,csv}, confusion_plot.csv,
+    predictions.csv and report.md.
 
     ``out_dir`` belongs to this stage: it is built under a temporary name and swapped in whole, so it
     either holds a complete evaluation or the previous one.
@@ -176,7 +180,9 @@ def evaluate(
     preds_pred = preds.logits.argmax(axis=1)
     with atomic_dir(out_dir) as tmp:
         atomic_write_json(tmp / "metrics.json", result)
+        atomic_write_json(tmp / HEADLINE_FILE, {k: result[k] for k in HEADLINE if result.get(k) is not None})
         (tmp / "confusion.csv").write_text(_confusion_csv(preds.labels, preds_pred, names))
+        (tmp / "confusion_plot.csv").write_text(_confusion_csv(preds.labels, preds_pred, _label_ordered(names)))
         (tmp / "predictions.csv").write_text(_predictions_csv(preds, preds_pred, temperature))
         plot_confusion(cm, names, tmp / CONFUSION_PNG, title=_plot_title(result, model))
         (tmp / "report.md").write_text(render_report(result, model, CONFUSION_PNG))
@@ -192,6 +198,12 @@ def _confusion_csv(labels: np.ndarray, preds: np.ndarray, names: Sequence[str]) 
     w.writerow(["actual", "predicted"])
     w.writerows((names[a], names[p]) for a, p in zip(labels, preds))
     return buf.getvalue()
+
+
+def _label_ordered(names: Sequence[str]) -> list[str]:
+    """Class names prefixed with their zero-padded label: DVC's confusion template sorts classes by name."""
+    width = len(str(len(names) - 1))
+    return [f"{i:0{width}d} {name}" for i, name in enumerate(names)]
 
 
 def _predictions_csv(preds: SplitPredictions, pred: np.ndarray, temperature: float | None) -> str:

@@ -172,6 +172,11 @@ def entropy(logits: ArrayLike, temperature: float = 1.0) -> np.ndarray:
     return -(np.exp(logp) * logp).sum(axis=1)
 
 
+def significant(value: float, digits: int = 4) -> float:
+    """``value`` rounded to ``digits`` significant digits, for people: 0.572, not 0.5720000000000001."""
+    return float(f"{value:.{digits}g}") if math.isfinite(value) else value
+
+
 MIN_TEMPERATURE = 1e-2
 MAX_TEMPERATURE = 1e2
 

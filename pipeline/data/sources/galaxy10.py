@@ -8,12 +8,11 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
 from pipeline.config import DataConfig
 from pipeline.errors import DataError
 from pipeline.io import sha256_file
 from pipeline.layout import Layout
+from pipeline.progress import tqdm
 
 FILENAME = "Galaxy10_DECals.h5"
 CONNECT_TIMEOUT_S = 15

@@ -112,7 +112,7 @@ def write_synthetic_h5(
     Generated and written ``chunk`` rows at a time so memory stays bounded; the file appears
     at ``path`` only once complete (written to ``path + ".tmp"`` then ``os.replace``).
     """
-    from tqdm.auto import tqdm
+    from pipeline.progress import tqdm
 
     if n <= 0 or chunk <= 0:
         raise ValueError(f"n and chunk must be > 0, got n={n}, chunk={chunk}")

@@ -1,7 +1,9 @@
 """Flow ``nightly-catalog``: ``pipeline.catalog.nightly.run_nightly`` with each step a Prefect task.
 
 The library does the work (``docs/orchestration.md``, "The nightly schedule"): scan the inbox, plan each
-new input, classify every pending chunk, finalize, record. The flow adds what Prefect gives: parameters as UI forms, one task per
+new input, classify every pending chunk, finalize, record, through the one fan-out
+``pipeline.catalog.distributed.classify_inputs`` that ``astroflow nightly --dask`` and ``astroflow predict --dask``
+use too; here its ``Submit`` makes each step a Prefect task on the flow's task runner. The flow adds what Prefect gives: parameters as UI forms, one task per
 chunk (so a Dask task runner spreads even one large input over a cluster), a global concurrency limit
 of one slot (plus a deployment concurrency limit, ``flows/serve.py``) in front of the library's catalog
 ``flock``, and the run's summary as artifacts.
@@ -22,7 +24,7 @@ from prefect.futures import PrefectFuture
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows import config_from_parameters
-from pipeline.catalog import nightly
+from pipeline.catalog import distributed, nightly
 from pipeline.config import PredictConfig, RegistryConfig, ScheduleConfig
 from pipeline.errors import AstroflowError
 from pipeline.layout import Layout
@@ -31,9 +33,9 @@ FLOW_NAME = "nightly-catalog"
 SECTIONS = ("predict", "schedule", "registry")
 CONCURRENCY_LIMIT = "astroflow-nightly-catalog"
 LOCAL_TASKS = 2
-"""Tasks the default (thread) runner runs at once: each chunk task loads its own model and already uses every core."""
+"""Tasks the default (thread) runner runs at once: each chunk task already uses every core (the model is loaded once per process)."""
 TASKS: dict[Callable[..., Any], Task[..., Any]] = {
-    step: task(step, name=step.__name__.replace("_", "-"), cache_policy=NO_CACHE) for step in nightly.STEPS
+    step: task(step, name=step.__name__.replace("_", "-"), cache_policy=NO_CACHE) for step in distributed.STEPS
 }
 """Each library step as a Prefect task, made once."""
 
@@ -104,7 +106,15 @@ def nightly_catalog(
     base_params: str | None = None,
     workdir: str = ".",
 ) -> dict[str, Any]:
-    """Classify the inputs that arrived since the last run; fails (after recording the rest) if any input failed."""
+    """Classify the inputs that arrived since the last run; fails (after recording the rest) if any input failed.
+
+    Args:
+        predict: Catalog inference (stage predict, astroflow predict, nightly); a field left out keeps the params file's value.
+        schedule: The nightly catalog: schedule, inbox, catalog and the artifact store.
+        registry: The model registry; the production model classifies.
+        base_params: The params file the sections apply to, relative to workdir; none: the built-in defaults.
+        workdir: The directory relative paths in the configuration resolve against.
+    """
     layout = Layout(Path(workdir).resolve())
     cfg = config_from_parameters(base_params, layout.root, dict(zip(SECTIONS, (predict, schedule, registry))))
     _ensure_concurrency_limit()
@@ -118,9 +128,9 @@ def nightly_catalog(
 
 
 def dask_task_runner(address: str | None = None, n_workers: int = 2) -> Any:
-    """A Dask task runner: the given scheduler, else a local cluster of ``n_workers`` single-threaded processes."""
+    """A Dask task runner: the given scheduler, else the local cluster ``astroflow ... --dask local:N`` starts."""
     from prefect_dask import DaskTaskRunner
 
     if address:
         return DaskTaskRunner(address=address)
-    return DaskTaskRunner(cluster_kwargs={"n_workers": n_workers, "threads_per_worker": 1, "processes": True, "dashboard_address": None})
+    return DaskTaskRunner(cluster_kwargs=distributed.local_cluster_kwargs(n_workers))

@@ -19,6 +19,7 @@ from typing import Any
 from uuid import UUID
 
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 import yaml
 
@@ -35,6 +36,7 @@ from pipeline.config import (
     load_config,
 )
 from pipeline.errors import ConfigError
+from pipeline.score.metrics import significant
 from pipeline.layout import Layout
 from pipeline.orchestrate.graph import stored_stages
 from pipeline.orchestrate.launch import TrainingFailed
@@ -193,9 +195,12 @@ def test_first_run_builds_every_stage_and_promotes(train_runs: TrainRuns, workdi
     arts = _artifacts(_flow_run_id(state))
     assert {"retrain-metrics", "retrain-per-class", "retrain-report", "retrain-confusion-matrix", "model-registry"} <= set(arts)
     table = {row["metric"]: row["value"] for row in json.loads(arts["retrain-metrics"]["data"])}
-    assert table["top1"] == pytest.approx(metrics["top1"]) and table["macro_f1"] == pytest.approx(metrics["macro_f1"])
+    assert table["top1"] == significant(metrics["top1"]) and table["macro_f1"] == significant(metrics["macro_f1"])
     per_class = json.loads(arts["retrain-per-class"]["data"])
     assert [row["class"] for row in per_class] == list(metrics["per_class"])
+    shown = [*table.values(), *(v for row in per_class for v in row.values() if isinstance(v, float))]
+    assert all(v == significant(v) for v in shown), shown  # 4 significant digits, not 0.5720000000000001
+    assert arts["retrain-learning-curves"]["data"].startswith("data:image/png;base64,")
     assert "data:image/png;base64," in arts["retrain-report"]["data"] and "Per class" in arts["retrain-report"]["data"]
     assert arts["retrain-confusion-matrix"]["data"].startswith("data:image/png;base64,")
     assert len(_logs(_flow_run_id(state), "cache miss", len(STAGES))) == len(STAGES)
@@ -383,7 +388,9 @@ def test_a_failed_chunk_is_all_a_rerun_redoes(
     state, _ = _nightly(nightly_workdir, "chunkfail")
     assert state.is_failed() and "big.h5" in state.message
     catalog = nightly_workdir / "catalogs" / "chunkfail"
-    assert sorted(read_predictions(catalog)["source_row"]) == [*range(16), *range(32, 40)]
+    assert read_predictions(catalog).empty  # an incomplete run's rows are not visible ...
+    staged = pq.read_table(next((catalog / "runs").glob("*/predictions")))  # ... but kept for the rerun
+    assert sorted(staged["source_row"].to_pylist()) == [*range(16), *range(32, 40)]
     assert not (catalog / STATE_FILE).exists() or not json.loads((catalog / STATE_FILE).read_text())["inputs"]
     assert not list((catalog / "runs").glob("*/complete.json"))
 
@@ -482,3 +489,36 @@ def test_forked_children_exit_cleanly_after_prefect_ran(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, str(script)], cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "[0, 1, 2, 3, 4, 5]" in proc.stdout and "child exit 0" in proc.stdout, proc.stdout + proc.stderr[-2000:]
+
+
+def test_deployment_form_puts_model_and_train_first_and_describes_every_field(tmp_path: Path) -> None:
+    from flows.serve import build_deployments
+    from pipeline.config import Config
+
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(TINY))
+    retrain, _ = build_deployments(load_config(tmp_path / "params.yaml"), Layout(tmp_path), None)
+    schema = retrain._parameter_openapi_schema
+    order = sorted(schema.properties, key=lambda name: schema.properties[name]["position"])
+    assert order[:2] == ["model", "train"] and order.index("data") > order.index("registry"), order
+    sections = {field.alias or name: field for name, field in Config.model_fields.items()}
+    for name, prop in schema.properties.items():
+        expected = sections[name].description if name in sections else prop.get("description")
+        assert prop.get("description") and prop["description"] == expected, name  # the text `params --explain` prints
+    undescribed = [f"{d}.{f}" for d, spec in schema.definitions.items() for f, p in spec["properties"].items() if not p.get("description")]
+    assert undescribed == []
+    assert list(schema.definitions["DataConfig"]["properties"])[-1] == "class_names"
+
+
+def test_learning_curves_png_has_separate_loss_and_score_axes(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from pipeline.learn.outputs import learning_curves_png, write_history
+
+    rows = [{"epoch": e, "train_loss": 2.0 / e, "val_loss": 2.2 / e, "val_top1": 0.2 * e, "val_macro_f1": 0.18 * e,
+             "lr": 1e-3, "images_per_s": 10.0} for e in (1, 2, 3)]
+    write_history(tmp_path / "history.csv", rows)
+    png = tmp_path / "curves.png"
+    png.write_bytes(learning_curves_png(tmp_path / "history.csv"))
+    with Image.open(png) as im:
+        assert im.format == "PNG" and im.size[0] > 2 * im.size[1]  # two panels side by side
+

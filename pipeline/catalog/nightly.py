@@ -7,7 +7,8 @@ size and mtime (for a directory: every file's). Inputs whose identity is not yet
 its run and chunks, no model run), then every chunk not yet committed is submitted on its own
 (``predict(..., chunks=[i])``), so an executor that spreads work (Prefect on Dask) spreads even one
 large input; when all of an input's chunks succeeded, ``finalize_run`` writes its run summary and the
-input is recorded as processed. ``predict`` is idempotent per (input chunk, model), so a failed or
+input is recorded as processed. That fan-out is :func:`pipeline.catalog.distributed.classify_inputs`, the
+one ``astroflow predict --dask`` uses too. ``predict`` is idempotent per (input chunk, model), so a failed or
 killed run is simply run again: it redoes the chunks that are missing and adds no duplicate rows.
 
 The catalog root is ``schedule.catalog``, never ``data/catalog``: the DVC ``predict`` stage owns that
@@ -19,17 +20,16 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import multiprocessing
 import os
 import time
-from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any
 
-from pipeline.catalog import predict
+from pipeline.catalog.distributed import Job, Submit, classify_inputs, run_inline
 from pipeline.score import registry as reg
 from pipeline.config import Config, stable_hash
 from pipeline.errors import AstroflowError, DataError
@@ -41,11 +41,12 @@ STATE_FILE = "inbox_state.json"
 LOCK_FILE = ".nightly.lock"
 PARTIAL_SUFFIXES = (".tmp", ".part", ".partial", ".crdownload", ".lock")
 """Names of uploads in progress, never inputs."""
-RESULT_KEYS = ("run_id", "model_id", "status", "num_written", "num_predicted", "num_errors", "num_chunks", "num_skipped_chunks", "class_counts")
+RESULT_KEYS = (
+    "run_id", "model_id", "status", "num_written", "num_predicted", "num_errors", "num_coords_out_of_range", "num_chunks",
+    "num_skipped_chunks", "class_counts",
+)
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
-T_co = TypeVar("T_co", covariant=True)
 
 
 class NightlyBusy(AstroflowError):
@@ -145,28 +146,6 @@ def catalog_lock(catalog_root: Path, timeout_s: float) -> Iterator[None]:
 # ------------------------------------------------------------------ executors
 
 
-class Outcome(Protocol[T_co]):
-    """What ``submit`` returns: a ``concurrent.futures.Future`` or a ``PrefectFuture`` both fit."""
-
-    def result(self) -> T_co: ...
-
-
-class Submit(Protocol):
-    """Run ``fn(*args)`` somewhere (inline, a thread, a Prefect task on Dask); ``name`` labels it for people."""
-
-    def __call__(self, fn: Callable[..., T], /, *args: Any, name: str) -> Outcome[T]: ...
-
-
-def run_inline(fn: Callable[..., T], /, *args: Any, name: str) -> Future[T]:
-    """The sequential executor: run now, keep the result or the exception for ``result()``."""
-    future: Future[T] = Future()
-    try:
-        future.set_result(fn(*args))
-    except Exception as exc:
-        future.set_exception(exc)
-    return future
-
-
 @contextmanager
 def local_executor(workers: int = 1) -> Iterator[Submit]:
     """Inline with one worker (each chunk already uses every core), else a thread pool of ``workers``."""
@@ -177,33 +156,6 @@ def local_executor(workers: int = 1) -> Iterator[Submit]:
         yield lambda fn, *args, name: pool.submit(fn, *args)
 
 
-# ------------------------------------------------------------------ steps (each one executor call)
-
-
-@dataclass(frozen=True)
-class Job:
-    """What every step needs besides the input: config, the production model and the catalog root."""
-
-    cfg: Config
-    checkpoint: Path
-    calibration: Path | None
-    catalog: Path
-
-    @property
-    def model_id(self) -> str:
-        """The production model's registry id (its candidate directory's name)."""
-        return self.checkpoint.parent.name
-
-    def predict_args(self, entry: InboxEntry) -> dict[str, Any]:
-        return {
-            "cfg": self.cfg,
-            "checkpoint": self.checkpoint,
-            "input_path": Path(entry.path),
-            "out_root": self.catalog,
-            "calibration": self.calibration,
-        }
-
-
 def production_job(cfg: Config, layout: Layout) -> Job:
     """The job for the registry's production model; ``RegistryError`` when nothing was promoted yet."""
     root = layout.resolve(cfg.registry.root)
@@ -212,30 +164,6 @@ def production_job(cfg: Config, layout: Layout) -> Job:
         raise reg.RegistryError(f"{root}: no production model; train and promote one first")
     calibration = prod / reg.CALIBRATION_FILE
     return Job(cfg, prod / reg.MODEL_FILE, calibration if calibration.is_file() else None, layout.resolve(cfg.schedule.catalog))
-
-
-def plan_input(job: Job, entry: InboxEntry) -> predict.RunPlan:
-    """The input's run and the chunks it still lacks, so each can be submitted on its own (nothing is classified)."""
-    return predict.plan_run(**job.predict_args(entry))
-
-
-def classify_chunk(job: Job, entry: InboxEntry, chunk: int) -> dict[str, Any]:
-    """``pipeline.catalog.predict`` on one chunk of one input; a chunk already committed (a retry, a race) writes nothing."""
-    cfg = job.cfg
-    if cfg.predict.workers and multiprocessing.current_process().daemon:
-        log.info("running in a daemonic process (a Dask worker), which may not start DataLoader workers: predict.workers=0")
-        cfg = cfg.model_copy(update={"predict": cfg.predict.model_copy(update={"workers": 0})})
-    return predict.predict(**{**job.predict_args(entry), "cfg": cfg}, chunks=[chunk], progress=False)
-
-
-def finalize_input(job: Job, entry: InboxEntry, chunk_results: list[dict[str, Any]]) -> dict[str, Any]:
-    """Mark the input's run complete and write its summary, once every chunk is committed."""
-    summary = predict.finalize_run(**job.predict_args(entry), chunk_results=chunk_results)
-    return {k: summary.get(k) for k in RESULT_KEYS}
-
-
-STEPS = (plan_input, classify_chunk, finalize_input)
-"""Every function a run hands to ``submit``: an executor may wrap each once (the flow makes them Prefect tasks)."""
 
 
 # ------------------------------------------------------------------ one run
@@ -257,8 +185,9 @@ class _Ledger:
         self.logger.error("input %s failed (%s): %s", entry.name, what, exc)
         self.failed.setdefault(entry.key, {"input": entry.name, "error": f"{what}: {type(exc).__name__}: {exc}"[:500]})
 
-    def record(self, entry: InboxEntry, result: dict[str, Any]) -> None:
+    def record(self, entry: InboxEntry, summary: dict[str, Any]) -> None:
         """Mark a finalized input processed; the state file is saved at once, so a killed run keeps it."""
+        result = {k: summary.get(k) for k in RESULT_KEYS}
         self.logger.info(
             "%s: run %s %s, %d rows written now, %d classified in total, %d failed",
             entry.name, result["run_id"], result["status"], result["num_written"], result["num_predicted"], result["num_errors"],
@@ -267,56 +196,6 @@ class _Ledger:
         self.state["inputs"][entry.key] = {**entry.identity, **result, "processed_at": processed_at, "flow_run_id": self.flow_run_id}
         save_state(self.catalog, self.state)
         self.done.append({"input": entry.name, **result})
-
-
-@dataclass
-class _Fanout:
-    """One input's submitted chunks, by chunk index."""
-
-    entry: InboxEntry
-    chunks: dict[int, Outcome[dict[str, Any]]]
-
-
-def _fan_out(job: Job, new: list[InboxEntry], submit: Submit, ledger: _Ledger) -> list[_Fanout]:
-    """Submit every input's plan at once, then, input by input as its plan is ready, one call per pending chunk."""
-    plans = [(e, submit(plan_input, job, e, name=f"plan {e.name}")) for e in new]
-    fanouts = []
-    for entry, planned in plans:
-        try:
-            plan = planned.result()
-        except Exception as exc:
-            ledger.fail(entry, "plan", exc)
-            continue
-        ledger.logger.info(
-            "%s: run %s, %d chunk(s) of %d, %d to classify", entry.name, plan.run_id, plan.num_chunks, plan.chunk_size, len(plan.pending)
-        )
-        chunks = {
-            i: submit(classify_chunk, job, entry, i, name=f"classify {entry.name} chunk {i} of {plan.num_chunks}")
-            for i in plan.pending
-        }
-        fanouts.append(_Fanout(entry, chunks))
-    return fanouts
-
-
-def _complete_input(job: Job, fanout: _Fanout, submit: Submit, ledger: _Ledger) -> None:
-    """Wait for the input's chunks; finalize and record it only when every one of them succeeded."""
-    entry, results = fanout.entry, []
-    for i, outcome in fanout.chunks.items():
-        try:
-            results.append(outcome.result())
-        except Exception as exc:
-            ledger.fail(entry, f"chunk {i}", exc)
-            continue
-        done = results[-1]
-        ledger.logger.info("%s chunk %d: run %s %s, %d rows written", entry.name, i, done["run_id"], done["status"], done["num_written"])
-    if entry.key in ledger.failed:
-        return
-    try:
-        result = submit(finalize_input, job, entry, results, name=f"finalize {entry.name}").result()
-    except Exception as exc:
-        ledger.fail(entry, "finalize", exc)
-        return
-    ledger.record(entry, result)
 
 
 def catalog_rows(catalog_root: Path) -> int:
@@ -343,8 +222,7 @@ def classify_new(
     ledger = _Ledger(job.catalog, load_state(job.catalog), logger, flow_run_id)
     new, skipped = scan_inbox(inbox, ledger.state["inputs"], job.cfg.schedule.inbox_settle_s)
     logger.info("production model %s; inbox %s: %d new input(s), %d skipped", job.model_id, inbox, len(new), len(skipped))
-    for fanout in _fan_out(job, new, submit, ledger):
-        _complete_input(job, fanout, submit, ledger)
+    classify_inputs(job, new, submit, ledger)
     return {
         "model_id": job.model_id,
         "inbox": str(inbox),

@@ -8,6 +8,12 @@ Layout under the catalog root (``docs/catalog.md``)::
     runs/<run_id>/run.json                        what the run is: model, input, settings, start time
     runs/<run_id>/chunks/<chunk>.json             completion record of each committed chunk
     runs/<run_id>/summary.json                    counts of the whole run, rewritten at each finish
+    runs/<run_id>/{predictions,errors}/           the chunks of a run still in progress (not yet visible)
+
+A run's rows become visible only when the run is complete: chunks are committed into the run's own
+directory, and :meth:`Run.mark_complete` moves them into the ``run=<run_id>`` partitions (one rename per
+table) before writing ``complete.json``. A killed run that is never resumed (its input changed, say)
+therefore leaves no rows in ``predictions/``; every reader of the dataset sees whole runs only.
 
 A chunk is committed by writing its Parquet files (each atomically, under a name fixed by the chunk
 index) and then its completion record: a chunk without a record is redone and its files replaced, so
@@ -28,7 +34,7 @@ import os
 import re
 import threading
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -64,23 +70,62 @@ def prob_columns(class_names: Sequence[str]) -> list[str]:
     return [f"{c}_{i}" if cols.count(c) > 1 else c for i, c in enumerate(cols)]
 
 
+#: What each column means (docs/catalog.md, Schema): Parquet field metadata, FITS TCOMMn, VOTable DESCRIPTION.
+DESCRIPTIONS = {
+    "id": "Galaxy id given by the input (else <file stem>-<row> or the image path)",
+    "source_file": "File the image was read from",
+    "source_row": "Row or position of the image in source_file or in the input catalog",
+    "ra": "Right ascension (ICRS) from the input, null when absent or outside [0, 360)",
+    "dec": "Declination (ICRS) from the input, null when absent or outside [-90, 90]",
+    "pred_label": "Predicted class: index into the class list, argmax of the probabilities",
+    "pred_class": "Predicted class name",
+    "max_prob": "Largest class probability",
+    "entropy": "Entropy of the class probabilities, -sum p ln p, in nats",
+    "model_id": "Model id: hash of the checkpoint file and its config",
+    "tta": "Whether the 8 rotations and flips were averaged",
+    "temperature": "Calibration temperature T applied (probabilities are softmax(z / T)); 1 = uncalibrated",
+    "run_ts": "Start of the prediction run (UTC)",
+    PARTITION: "Prediction run id",
+}
+#: Units of the columns that have one.
+UNITS = {"ra": "deg", "dec": "deg"}
+
+
+def column_description(name: str, class_names: Sequence[str]) -> str:
+    """The description of column ``name`` of a catalog with ``class_names`` (``prob_*`` columns name their class)."""
+    probs = dict(zip(prob_columns(class_names), class_names))
+    if name in probs:
+        return f"Calibrated probability of class '{probs[name]}'"
+    return DESCRIPTIONS[name]
+
+
+def _field(name: str, type_: pa.DataType, class_names: Sequence[str], nullable: bool = True) -> pa.Field:
+    meta = {"description": column_description(name, class_names)}
+    if name in UNITS:
+        meta["unit"] = UNITS[name]
+    return pa.field(name, type_, nullable=nullable, metadata=meta)
+
+
 def prediction_schema(class_names: Sequence[str]) -> pa.Schema:
-    """The schema of every predictions file for a model with these classes (the run partition excluded)."""
+    """The schema of every predictions file for a model with these classes (the run partition excluded).
+
+    Each field carries its ``description`` (and ``unit``) as field metadata, so any Parquet reader finds them.
+    """
     fields = [
-        pa.field("id", pa.string(), nullable=False),
-        pa.field("source_file", pa.string(), nullable=False),
-        pa.field("source_row", pa.int64()),
-        pa.field("ra", pa.float64()),
-        pa.field("dec", pa.float64()),
-        pa.field("pred_label", pa.int32(), nullable=False),
-        pa.field("pred_class", pa.string(), nullable=False),
-        *(pa.field(c, pa.float32(), nullable=False) for c in prob_columns(class_names)),
-        pa.field("max_prob", pa.float32(), nullable=False),
-        pa.field("entropy", pa.float32(), nullable=False),
-        pa.field("model_id", pa.string(), nullable=False),
-        pa.field("tta", pa.bool_(), nullable=False),
-        pa.field("temperature", pa.float64(), nullable=False),
-        pa.field("run_ts", TIMESTAMP, nullable=False),
+        _field("id", pa.string(), class_names, nullable=False),
+        _field("source_file", pa.string(), class_names, nullable=False),
+        _field("source_row", pa.int64(), class_names),
+        _field("ra", pa.float64(), class_names),
+        _field("dec", pa.float64(), class_names),
+        _field("pred_label", pa.int32(), class_names, nullable=False),
+        _field("pred_class", pa.string(), class_names, nullable=False),
+        *(_field(c, pa.float32(), class_names, nullable=False) for c in prob_columns(class_names)),
+        _field("max_prob", pa.float32(), class_names, nullable=False),
+        _field("entropy", pa.float32(), class_names, nullable=False),
+        _field("model_id", pa.string(), class_names, nullable=False),
+        _field("tta", pa.bool_(), class_names, nullable=False),
+        _field("temperature", pa.float64(), class_names, nullable=False),
+        _field("run_ts", TIMESTAMP, class_names, nullable=False),
     ]
     meta = {"astroflow.schema_version": str(SCHEMA_VERSION), "astroflow.class_names": json.dumps(list(class_names))}
     return pa.schema(fields, metadata=meta)
@@ -104,7 +149,7 @@ GALAXY10_SCHEMA = prediction_schema(GALAXY10_CLASS_NAMES)
 
 def with_partition(schema: pa.Schema) -> pa.Schema:
     """The schema a reader of the whole dataset sees: the file schema plus the ``run`` partition column."""
-    return schema.append(pa.field(PARTITION, pa.string()))
+    return schema.append(pa.field(PARTITION, pa.string(), metadata={"description": DESCRIPTIONS[PARTITION]}))
 
 
 def _partitioning() -> pads.Partitioning:
@@ -162,12 +207,13 @@ class Catalog:
         return sorted(p.name for p in runs.iterdir() if (p / "run.json").is_file()) if runs.is_dir() else []
 
     def runs(self) -> list[dict[str, Any]]:
-        """Every run's record plus its summary when it has one, oldest first."""
+        """Every run's record plus its summary and completion record (None: unfinished, rows not visible), oldest first."""
         out = []
         for rid in self.run_ids():
             rec = read_json(self.root / RUNS / rid / "run.json")
-            summary = self.root / RUNS / rid / "summary.json"
-            rec["summary"] = read_json(summary) if summary.is_file() else None
+            for key in ("summary", "complete"):
+                path = self.root / RUNS / rid / f"{key}.json"
+                rec[key] = read_json(path) if path.is_file() else None
             out.append(rec)
         return sorted(out, key=lambda r: r.get("started_at", ""))
 
@@ -179,6 +225,7 @@ class Catalog:
         with _lock(run.lock_path, run_id, wait=False):
             run.create(meta)
             run.clean_temporaries()
+            run.withdraw()
             yield run
 
     @contextmanager
@@ -194,6 +241,7 @@ class Catalog:
         with _lock(run.lock_path, run_id, wait=True):
             run.create(meta)
             run.clean_temporaries()
+            run.withdraw()
         yield run
 
 
@@ -237,6 +285,11 @@ def _lock(path: Path, run_id: str, *, wait: bool) -> Iterator[None]:
         guard.release()
 
 
+def run_lock(run: Run, *, wait: bool) -> AbstractContextManager[None]:
+    """The run's lock on its own, for upkeep that must not overlap a writer of the run (compaction)."""
+    return _lock(run.lock_path, run.run_id, wait=wait)
+
+
 class Run:
     """One run partition: its record, its completion records, and the chunk commit."""
 
@@ -248,8 +301,12 @@ class Run:
         self.lock_path = self.dir / ".lock"
         self.meta_path = self.dir / "run.json"
         self.chunks_dir = self.dir / "chunks"
-        self.predictions_dir = catalog.root / PREDICTIONS / f"{PARTITION}={run_id}"
-        self.errors_dir = catalog.root / ERRORS / f"{PARTITION}={run_id}"
+        self.predictions_dir = self.dir / PREDICTIONS  # staged while the run is in progress
+        self.errors_dir = self.dir / ERRORS
+        self.published = {
+            self.predictions_dir: catalog.root / PREDICTIONS / f"{PARTITION}={run_id}",
+            self.errors_dir: catalog.root / ERRORS / f"{PARTITION}={run_id}",
+        }
 
     @property
     def meta(self) -> dict[str, Any]:
@@ -266,7 +323,7 @@ class Run:
 
     def clean_temporaries(self) -> None:
         """Remove half-written files a killed process left (only ever called under the run lock)."""
-        for d in (self.predictions_dir, self.errors_dir, self.chunks_dir, self.dir):
+        for d in (self.predictions_dir, self.errors_dir, *self.published.values(), self.chunks_dir, self.dir):
             if d.is_dir():
                 for p in d.glob(".*.tmp"):
                     p.unlink(missing_ok=True)
@@ -321,7 +378,29 @@ class Run:
         atomic_write_json(self.chunks_dir / f"{index:06d}.json", record)
         return record
 
+    def withdraw(self) -> None:
+        """Stage again the rows of an incomplete run found published (a kill between publishing and
+        ``complete.json``, or a catalog written before staging existed): readers must not see them yet."""
+        if self.complete is not None:
+            return
+        for staged, public in self.published.items():
+            if public.is_dir():
+                staged.mkdir(parents=True, exist_ok=True)
+                for part in public.glob("*.parquet"):
+                    if (staged / part.name).exists():
+                        part.unlink()
+                    else:
+                        part.rename(staged / part.name)
+                for leftover in public.glob(".*.tmp"):
+                    leftover.unlink()
+                public.rmdir()
+
     def mark_complete(self, num_chunks: int) -> None:
+        """Publish the staged rows (one directory rename per table), then record the run as complete."""
+        for staged, public in self.published.items():
+            if staged.is_dir():
+                public.parent.mkdir(parents=True, exist_ok=True)
+                staged.rename(public)
         atomic_write_json(self.dir / "complete.json", {"num_chunks": num_chunks, "completed_at": _utcnow().isoformat()})
 
     @property
@@ -338,8 +417,9 @@ class Run:
         """Rows per predicted class and rows under ``low_confidence`` max probability, streamed column-wise."""
         counts = np.zeros(len(class_names), dtype=np.int64)
         low = 0
-        if self.predictions_dir.is_dir():
-            dataset = pads.dataset(self.predictions_dir, format="parquet")
+        rows = self.published[self.predictions_dir] if self.complete is not None else self.predictions_dir
+        if rows.is_dir():
+            dataset = pads.dataset(rows, format="parquet")
             for batch in dataset.to_batches(columns=["pred_label", "max_prob"]):
                 labels = batch.column("pred_label").to_numpy()
                 counts += np.bincount(labels, minlength=len(class_names))[: len(class_names)]
@@ -359,14 +439,23 @@ def errors_dataset(root: str | Path) -> pads.Dataset:
     return pads.dataset(Path(root) / ERRORS, format="parquet", partitioning=_partitioning(), schema=with_partition(ERROR_SCHEMA))
 
 
+READ_ATTEMPTS = 5
+"""Reads of the whole dataset tried before a missing file is an error: compaction deletes files a reader may just have listed."""
+
+
 def _read(dataset_fn: Any, root: str | Path, subdir: str, run: str | None, columns: Sequence[str] | None) -> Any:
     if not (Path(root) / subdir).is_dir():
         schema = with_partition(Catalog(root).schema() if subdir == PREDICTIONS else ERROR_SCHEMA)
         table = schema.empty_table()
         return table.select(list(columns)).to_pandas() if columns else table.to_pandas()
-    dataset = dataset_fn(root)
     filt = (pads.field(PARTITION) == run) if run is not None else None
-    return dataset.to_table(columns=list(columns) if columns else None, filter=filt).to_pandas()
+    read = lambda: dataset_fn(root).to_table(columns=list(columns) if columns else None, filter=filt).to_pandas()  # noqa: E731
+    for _ in range(READ_ATTEMPTS - 1):
+        try:
+            return read()
+        except FileNotFoundError:  # listed just before a compaction swapped a partition: list again
+            continue
+    return read()
 
 
 def read_predictions(root: str | Path, *, run: str | None = None, columns: Sequence[str] | None = None) -> Any:

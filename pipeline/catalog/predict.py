@@ -10,7 +10,9 @@ input, new calibration or TTA setting starts a new run partition.
 
 A run can also be fanned out: :func:`plan_run` names its chunks without running the model, workers
 call ``predict(..., chunks=[...])`` on disjoint chunks (in other threads, processes or machines), and
-:func:`finalize_run` writes ``complete.json`` and the summary once every chunk is committed.
+:func:`finalize_run` writes ``complete.json`` and the summary once every chunk is committed
+(:mod:`pipeline.catalog.distributed` does that fan-out). Every entry point takes an optional ``model``,
+the checkpoint already loaded, so a worker that runs many chunks loads it once.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.catalog.classify import RunSetup, committed, index_list, note, run_chunks, say
+from pipeline.catalog.classify import COORDS_OUT_OF_RANGE, RunSetup, committed, index_list, note, run_chunks, say
 from pipeline.catalog.parquet import Catalog, Run
 from pipeline.config import Config, stable_hash
 from pipeline.errors import DataError
@@ -58,14 +60,17 @@ def make_run_id(mid: str, identity: dict[str, Any], tta: bool, temperature: floa
 # ------------------------------------------------------------------ the stage
 
 
-def _setup(cfg: Config, checkpoint: Path, input_path: Path | None, out_root: Path, calibration: Path | None, shards_dir: Path | None) -> RunSetup:
+def _setup(
+    cfg: Config, checkpoint: Path, input_path: Path | None, out_root: Path, calibration: Path | None, shards_dir: Path | None,
+    model: TrainedModel | None = None,
+) -> RunSetup:
     pc = cfg.predict
     notes: list[str] = []
-    model = TrainedModel.load(checkpoint)
+    model = model if model is not None else TrainedModel.load(checkpoint)
     temperature, cal_source = resolve_calibration(calibration, model, pc.tta)
     if cal_source.startswith("none"):
         note(notes, f"calibration: {cal_source}")
-    reader = open_input(input_path, pc.input_kind, shards_dir=shards_dir)
+    reader = open_input(input_path, pc.input_kind, shards_dir=shards_dir, pixels=cfg.data.folder.pixels)
     identity = reader.identity
     run_id = make_run_id(model.model_id, identity, pc.tta, temperature)
     catalog = Catalog(out_root)
@@ -121,13 +126,14 @@ def plan_run(
     *,
     calibration: Path | None = None,
     shards_dir: Path | None = None,
+    model: TrainedModel | None = None,
 ) -> RunPlan:
     """Create (or find) the run of this model on this input and list its chunks, without running the model.
 
     Creating the run here fixes its start time and chunk size before any worker joins it.
     """
     checkpoint, out_root = Path(checkpoint), Path(out_root)
-    s = _setup(cfg, checkpoint, input_path, out_root, calibration, shards_dir)
+    s = _setup(cfg, checkpoint, input_path, out_root, calibration, shards_dir, model)
     with s.catalog.join_run(s.run_id, s.meta) as run:
         chunk_size = _run_chunk_size(run, cfg.predict.chunk_size, s.notes)
         num_chunks = _num_chunks(s.reader, chunk_size)
@@ -150,6 +156,7 @@ def predict(
     *,
     calibration: Path | None = None,
     shards_dir: Path | None = None,
+    model: TrainedModel | None = None,
     chunks: Sequence[int] | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
@@ -164,7 +171,7 @@ def predict(
     """
     pc = cfg.predict
     checkpoint, out_root = Path(checkpoint), Path(out_root)
-    s = _setup(cfg, checkpoint, input_path, out_root, calibration, shards_dir)
+    s = _setup(cfg, checkpoint, input_path, out_root, calibration, shards_dir, model)
     if chunks is not None:
         return _predict_chunks(cfg, s, chunks, progress)
     notes = s.notes
@@ -226,6 +233,7 @@ def finalize_run(
     *,
     calibration: Path | None = None,
     shards_dir: Path | None = None,
+    model: TrainedModel | None = None,
     chunk_results: Sequence[Mapping[str, Any]] = (),
 ) -> dict[str, Any]:
     """End a fanned-out run: mark it complete and write its summary, as a whole ``predict`` call does.
@@ -237,7 +245,7 @@ def finalize_run(
     was complete before and the workers committed nothing.
     """
     checkpoint, out_root = Path(checkpoint), Path(out_root)
-    s = _setup(cfg, checkpoint, input_path, out_root, calibration, shards_dir)
+    s = _setup(cfg, checkpoint, input_path, out_root, calibration, shards_dir, model)
     start = time.perf_counter()
     with s.catalog.open_run(s.run_id, s.meta) as run:
         chunk_size = _run_chunk_size(run, cfg.predict.chunk_size, s.notes)
@@ -297,6 +305,7 @@ def _summary(run: Run, class_names: list[str], low_confidence: float, stats: dic
         "num_errors_new": stats["errors"],
         "num_predicted": sum(int(r["num_predictions"]) for r in records.values()),
         "num_errors": sum(int(r["num_errors"]) for r in records.values()),
+        COORDS_OUT_OF_RANGE: sum(int(r.get(COORDS_OUT_OF_RANGE, 0)) for r in records.values()),
         "class_counts": counts,
         "low_confidence": {"threshold": low_confidence, "count": low},
         "threads": stats.get("threads"),
@@ -318,6 +327,8 @@ def _print_summary(s: dict[str, Any]) -> None:
         print(f"  {name:<{width}}  {n}", file=sys.stderr)
     if s["num_errors"]:
         say(f"{s['num_errors']} input(s) could not be classified: see {Path(s['catalog']) / 'errors'}")
+    if s[COORDS_OUT_OF_RANGE]:
+        say(f"{s[COORDS_OUT_OF_RANGE]} row(s) had ra outside [0, 360) or dec outside [-90, 90]; stored as null")
     say(f"summary: {s['summary_path']}")
 
 

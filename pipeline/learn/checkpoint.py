@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import pickle
 import random
 from pathlib import Path
 from typing import Any
@@ -51,8 +52,10 @@ def load_checkpoint(path: str | Path, *, map_location: str | torch.device = "cpu
 def _parse(data: bytes, path: Path, map_location: str | torch.device) -> dict[str, Any]:
     try:
         payload = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
-    except Exception as exc:  # torch raises many types for truncated/corrupt/unsafe files
-        raise CheckpointError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {str(exc)[:200]})") from None
+    except pickle.UnpicklingError as exc:  # weights_only refused it: never pass on torch's advice to load it unsafely
+        raise CheckpointError(f"{path}: refused by the safe loader: not only tensors and plain values ({_refusal(exc)})") from None
+    except Exception as exc:  # torch raises many types for truncated/corrupt files
+        raise CheckpointError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {' '.join(str(exc).split())})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         got = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
         raise CheckpointError(f"{path}: field 'format' must be {FORMAT!r}, got {got!r}")
@@ -60,6 +63,14 @@ def _parse(data: bytes, path: Path, map_location: str | torch.device) -> dict[st
         if key not in payload:
             raise CheckpointError(f"{path}: field {key!r} missing")
     return payload
+
+
+def _refusal(exc: Exception) -> str:
+    """What ``weights_only`` found, without the paragraphs around it that suggest ``weights_only=False``."""
+    advice = ("Weights only load failed", "Check the documentation", "In PyTorch")
+    lines = [line.strip() for line in str(exc).splitlines()]
+    found = [line for line in lines if line and not line.startswith(advice) and "weights_only" not in line]
+    return " ".join(found) or "an object weights_only does not allow"
 
 
 def checkpoint_config(payload: dict[str, Any], path: str | Path = "<checkpoint>") -> Config:

@@ -1,7 +1,9 @@
 """Training throughput: the model fed by the shard loader vs the same model fed from tensors already in memory.
 
 The ratio is the loader's cost: 1.0 means decoding and augmenting never make the model wait. On a GPU the
-script also times AMP (bf16 and fp16 autocast) against float32 on in-memory batches.
+script also times AMP (bf16 and fp16 autocast) against float32 on in-memory batches; a setting that runs out
+of memory is reported as such and the others still run. The model gets every core (``--threads`` to change);
+``train_stage.py`` measures the stage itself, whose thread policy decides on its own.
 
     python benchmarks/train_throughput.py                      # params.yaml's model/train on fresh synthetic shards
     python benchmarks/train_throughput.py --shards data/shards --steps 30 --set train.workers=4
@@ -23,7 +25,6 @@ from pathlib import Path
 import torch
 from timm.data import Mixup
 from timm.loss import SoftTargetCrossEntropy
-from timm.optim import create_optimizer_v2
 
 from pipeline.learn import recipe
 from pipeline.data.transforms import normalize_batch
@@ -31,7 +32,7 @@ from pipeline.learn.augment import train_transform
 from pipeline.config import Config, load_config
 from pipeline.data.prepare import write_prepared
 from pipeline.data.reader import StreamSpec, make_loader
-from pipeline.runtime import compute_threads, cpu_name
+from pipeline.runtime import available_cores, cpu_name
 from pipeline.data.shards import load_manifest, shard_urls, write_shards
 from pipeline.data.sources.arrays import ArraySource
 from pipeline.data.sources.synthetic import generate_arrays
@@ -55,7 +56,7 @@ def timed_steps(cfg: Config, batches: Iterator[tuple[torch.Tensor, torch.Tensor]
     model = recipe.build_train_model(cfg, num_classes=10).to(device).train()
     fmt = torch.channels_last if t.channels_last else torch.contiguous_format
     model = model.to(memory_format=fmt)
-    opt = create_optimizer_v2(model, opt=t.opt, lr=t.lr, weight_decay=t.weight_decay)
+    opt = recipe.build_optimizer(model, t, device)
     mixup = Mixup(mixup_alpha=t.mixup_alpha, cutmix_alpha=t.cutmix_alpha, label_smoothing=t.label_smoothing, num_classes=10) \
         if t.mixup_alpha > 0 or t.cutmix_alpha > 0 else None
     loss_fn = SoftTargetCrossEntropy() if mixup else torch.nn.CrossEntropyLoss(label_smoothing=t.label_smoothing)
@@ -129,12 +130,13 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=0, help="model threads on the CPU (default: every core)")
     args = parser.parse_args()
     cfg = load_config(args.params if args.params.is_file() else None, args.overrides)
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     t = cfg.train
     if device.type == "cpu":
-        torch.set_num_threads(compute_threads(0, t.workers))  # as the train stage does
+        torch.set_num_threads(args.threads or available_cores())
     with tempfile.TemporaryDirectory() as tmp:
         shards = args.shards or make_shards(cfg, Path(tmp), args.num_images, cfg.data.synthetic.image_size)
         print(f"# {cfg.model.name} at {cfg.model.img_size}px, batch {t.batch_size}, workers {t.workers}, "
@@ -161,8 +163,12 @@ def main() -> None:
         print(f"| {name} | {statistics.median(values):.2f} | {values[quiet]:.2f} | {', '.join(f'{v:.2f}' for v in values)} |")
     if device.type == "cuda":
         for amp in ("none", "bf16", "fp16"):
-            speed = timed_steps(cfg, memory_batches(cfg), device, args.warmup, args.steps, amp)
-            print(f"| GPU in-memory, amp {amp} | {speed:.1f} | | |")
+            try:
+                speed = f"{timed_steps(cfg, memory_batches(cfg), device, args.warmup, args.steps, amp):.1f}"
+            except torch.OutOfMemoryError:
+                speed = "out of memory"
+            torch.cuda.empty_cache()
+            print(f"| GPU in-memory, amp {amp} | {speed} | | |")
 
 
 if __name__ == "__main__":

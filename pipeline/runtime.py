@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import platform
+import statistics
+from collections import deque
 from pathlib import Path
 
 import torch
@@ -48,8 +50,93 @@ def compute_threads(threads: int, workers: int) -> int:
     """
     if threads:
         return threads
+    return max(1, available_cores() - workers)
+
+
+def available_cores() -> int:
+    """Cores this process may use, shared among the processes torchrun started on this node."""
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         cores = os.cpu_count() or 1
-    return max(1, cores - workers)
+    return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+
+
+def thread_candidates(workers: int) -> tuple[int, ...]:
+    """Model thread counts worth trying: every core, and the cores that decode workers leave free."""
+    cores = available_cores()
+    return tuple(sorted({cores, max(1, cores - workers)}, reverse=True))
+
+
+def pick_threads(step_seconds: dict[int, list[float]]) -> int:
+    """The thread count whose measured steps (data wait included) have the lowest median; ties go to more threads.
+
+    Measuring beats assuming: a compute-bound model is faster with every core even beside a decode worker,
+    while a model that waits for decoding, or whose threads lose cores to other processes (an OpenMP barrier
+    waits for its slowest thread), measures faster with fewer.
+    """
+    if not step_seconds:
+        raise ValueError("no measured steps")
+    return min(step_seconds, key=lambda n: (statistics.median(step_seconds[n]), -n))
+
+
+class ThreadTrial:
+    """Adapts the model's CPU threads during the first training steps, and again when the machine's load changes.
+
+    After ``warmup`` steps (one-off costs, run with the fewest threads, the safe choice under load), the
+    candidates take turns for up to ``rounds`` steps each, interleaved so a change of machine load hits them
+    alike; then :func:`pick_threads` decides, early when one candidate is ``clear_factor`` times slower than
+    another (a trial step of a bad setting is expensive). Afterwards, when the median of the last ``window``
+    steps is ``clear_factor`` times the chosen setting's trial median (other processes took cores), the
+    candidates are tried again.
+    """
+
+    def __init__(
+        self, candidates: tuple[int, ...], rounds: int = 3, warmup: int = 1, window: int = 8, clear_factor: float = 2.0
+    ) -> None:
+        self.schedule = [candidates[-1]] * warmup + [n for _ in range(rounds) for n in candidates]
+        self.warmup = warmup
+        self.times: dict[int, list[float]] = {n: [] for n in candidates}
+        self.recent: deque[float] = deque(maxlen=window)
+        self.clear_factor = clear_factor
+        self.step = 0
+        self.chosen: int | None = candidates[0] if len(candidates) == 1 else None
+        if self.chosen is not None:
+            torch.set_num_threads(self.chosen)
+
+    def before_step(self) -> None:
+        """Set the thread count for the coming step."""
+        if self.chosen is None:
+            torch.set_num_threads(self.schedule[self.step])
+
+    def after_step(self, seconds: float) -> int | None:
+        """Record the step's wall time; returns the chosen thread count once the trial has just ended."""
+        if self.chosen is not None:
+            self._watch(seconds)
+            return None
+        if self.step >= self.warmup:
+            self.times[self.schedule[self.step]].append(seconds)
+        self.step += 1
+        if self.step < len(self.schedule) and not self._clear():
+            return None
+        self.chosen = pick_threads(self.times)
+        torch.set_num_threads(self.chosen)
+        return self.chosen
+
+    def _clear(self) -> bool:
+        """Every candidate measured, and the slowest median ``clear_factor`` times the fastest."""
+        if not all(self.times.values()):
+            return False
+        medians = [statistics.median(v) for v in self.times.values()]
+        return max(medians) > self.clear_factor * min(medians)
+
+    def _watch(self, seconds: float) -> None:
+        """Start a new trial (without warm-up) when recent steps got much slower than the chosen setting measured."""
+        if len(self.times) < 2:
+            return
+        self.recent.append(seconds)
+        baseline = statistics.median(self.times[self.chosen])
+        if len(self.recent) == self.recent.maxlen and statistics.median(self.recent) > self.clear_factor * baseline:
+            self.times = {n: [] for n in self.times}
+            self.recent.clear()
+            self.step, self.chosen = self.warmup, None

@@ -25,6 +25,13 @@ samples (a class rarer than one per batch is thus oversampled by replay rather t
 
 Randomness. Every draw is seeded from ``(seed, epoch)`` and a stream tag, so an epoch's data order is a pure
 function of the spec (and of the number of reader slots).
+
+Consecutive epochs (``StreamSpec.epochs`` > 1, :class:`EpochStream`). Training reads all its epochs through one
+loader, so workers start once per run and decode the next epoch while the trainer validates. Each epoch is
+re-seeded inside the worker exactly as a loader for that epoch alone would be, so an epoch's batches do not depend
+on where the stream started (a resumed run sees the same batches). Every worker yields ``ceil(steps / workers)``
+batches per epoch, which keeps the DataLoader's round-robin aligned at epoch starts; the surplus batches (fewer
+than ``workers``) are dropped.
 """
 
 from __future__ import annotations
@@ -39,7 +46,7 @@ import re
 import tarfile
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import IO, Any, NamedTuple
 
@@ -59,8 +66,9 @@ REPLAY_PER_CLASS = 16
 
 Sample = tuple[dict[str, Any], int]  # a raw WebDataset sample (member bytes by extension) and its label
 
-# Seed streams: one purpose per tag so no two consumers share a random sequence (MAIN_STREAM is the trainer's).
-MAIN_STREAM, _WORKER, _UNITS, _BUFFER, _LOADER = range(5)
+# Seed streams: one purpose per tag so no two consumers share a random sequence (MAIN_STREAM is the trainer's,
+# DEVICE_AUG_STREAM the trainer's on-device augmentation).
+MAIN_STREAM, _WORKER, _UNITS, _BUFFER, _LOADER, DEVICE_AUG_STREAM = range(6)
 
 
 def seed_int(*parts: int) -> int:
@@ -122,7 +130,7 @@ def record_of(sample: dict[str, Any], *, decode: bool = True) -> Record:
 
 @dataclass(frozen=True)
 class StreamSpec:
-    """What one rank's loader reads in one epoch; ``steps=None`` means a single ordered pass."""
+    """What one rank's loader reads from ``epoch`` on, for ``epochs`` epochs; ``steps=None`` means a single ordered pass."""
 
     urls: tuple[str, ...]
     batch_size: int
@@ -133,6 +141,7 @@ class StreamSpec:
     steps: int | None = None
     shuffle_buffer: int = 0
     stratify: tuple[int, ...] = ()
+    epochs: int = 1
 
     @property
     def train(self) -> bool:
@@ -258,9 +267,16 @@ class ShardStream(IterableDataset):
         self.transform = transform
 
     def __iter__(self) -> Iterator[Batch]:
-        spec = self.spec
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        if not self.spec.train:
+            yield from self._batches(self.spec, worker, workers)
+            return
+        for epoch in range(self.spec.epoch, self.spec.epoch + self.spec.epochs):
+            yield from self._batches(replace(self.spec, epoch=epoch), worker, workers)
+
+    def _batches(self, spec: StreamSpec, worker: int, workers: int) -> Iterator[Batch]:
+        """One epoch (or the pass) of one worker's batches."""
         slot, slots = spec.rank * workers + worker, spec.world_size * workers
         samples = slot_samples(spec, slot, slots)
         if spec.train:
@@ -274,7 +290,7 @@ class ShardStream(IterableDataset):
             else:
                 batches = plain_batches(samples, spec.batch_size)
             assert spec.steps is not None
-            count = spec.steps // workers + (worker < spec.steps % workers)
+            count = -(-spec.steps // workers) if spec.epochs > 1 else spec.steps // workers + (worker < spec.steps % workers)
             batches = itertools.islice(batches, count)
         else:
             batches = plain_batches(samples, spec.batch_size)
@@ -284,7 +300,7 @@ class ShardStream(IterableDataset):
 
 
 def make_loader(spec: StreamSpec, transform: Callable[[np.ndarray], Any], workers: int, pin_memory: bool) -> DataLoader:
-    """A fresh loader of :class:`Batch` es per epoch or pass: workers are forked with its spec and seeded from it."""
+    """A loader of :class:`Batch` es for the spec's epochs or pass: workers are forked with its spec and seeded from it."""
     generator = torch.Generator().manual_seed(seed_int(spec.seed, spec.epoch, _LOADER))
     return DataLoader(
         ShardStream(spec, transform),
@@ -295,6 +311,32 @@ def make_loader(spec: StreamSpec, transform: Callable[[np.ndarray], Any], worker
         prefetch_factor=4 if workers > 0 else None,
         persistent_workers=False,
     )
+
+
+class EpochStream:
+    """A run's training batches, epoch after epoch, from one loader (see "Consecutive epochs" above)."""
+
+    def __init__(self, spec: StreamSpec, transform: Callable[[np.ndarray], Any], workers: int, pin_memory: bool) -> None:
+        if spec.steps is None:
+            raise ValueError("EpochStream needs a training spec (steps set)")
+        self.steps = spec.steps
+        slots = max(1, workers)
+        self.surplus = -(-spec.steps // slots) * slots - spec.steps if spec.epochs > 1 else 0
+        self.loader = make_loader(spec, transform, workers, pin_memory)
+        self._batches: Iterator[Batch] | None = None
+
+    def next_epoch(self) -> Iterator[Batch]:
+        """The next epoch's ``steps`` batches (consume them all before asking for the next epoch)."""
+        if self._batches is None:
+            self._batches = iter(self.loader)
+        else:
+            for _ in itertools.islice(self._batches, self.surplus):
+                pass
+        return itertools.islice(self._batches, self.steps)
+
+    def close(self) -> None:
+        """Drop the loader's iterator: the DataLoader stops its workers when the iterator is collected."""
+        self._batches = None
 
 
 def iter_split(shards_dir: Path, split: str) -> Iterator[Record]:

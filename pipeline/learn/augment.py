@@ -11,6 +11,13 @@ at the start of an epoch makes the whole augmentation stream reproducible (see `
 Resizing to ``img_size`` (after the optional random crop) is :func:`pipeline.data.transforms.resize`, the one
 evaluation and prediction use. The transform returns HWC uint8 at ``img_size``; normalisation happens batched on
 the device (:func:`pipeline.data.transforms.normalize_batch`, also evaluation's).
+
+On the device (:class:`DeviceAugment`, ``train.device_augment``). The exact rotations and flips (``rot90``, ``d4``,
+``hflip``) can run on the whole batch after the copy to the GPU instead of per sample in the loader workers. They
+commute exactly with the shared area resize of a square image (its bins are symmetric), so for the same draws the
+batch equals the per-sample path's; the draws come from a torch generator seeded per epoch in the trainer. With
+a random crop or RandAugment on, those then act before the rotation instead of after it; both are symmetric under
+the 8 rotations/flips (RandAugment's x/y shears and translations swap), so the distribution stays the same.
 """
 
 from __future__ import annotations
@@ -65,11 +72,14 @@ def random_crop(image: np.ndarray) -> np.ndarray:
 
 
 class TrainTransform:
-    """HWC uint8 image -> augmented HWC uint8 image at ``img_size`` (picklable, for DataLoader workers)."""
+    """HWC uint8 image -> augmented HWC uint8 image at ``img_size`` (picklable, for DataLoader workers).
 
-    def __init__(self, train: TrainConfig, img_size: int) -> None:
-        self.rotation = train.rotation
-        self.hflip = train.hflip
+    ``geometry=False`` leaves the exact rotations/flips to :class:`DeviceAugment`.
+    """
+
+    def __init__(self, train: TrainConfig, img_size: int, geometry: bool = True) -> None:
+        self.rotation = train.rotation if geometry else "none"
+        self.hflip = train.hflip and geometry
         self.img_size = img_size
         self.crop = train.random_resized_crop
         self.randaugment = None
@@ -98,6 +108,67 @@ class TrainTransform:
         return image
 
 
-def train_transform(train: TrainConfig, img_size: int) -> Callable[[np.ndarray], np.ndarray]:
+def train_transform(train: TrainConfig, img_size: int, geometry: bool = True) -> Callable[[np.ndarray], np.ndarray]:
     """The configured training augmentation (see :class:`TrainTransform`)."""
-    return TrainTransform(train, img_size)
+    return TrainTransform(train, img_size, geometry)
+
+
+def augment_on_device(train: TrainConfig, device: torch.device) -> bool:
+    """Whether the exact rotations/flips run on the device: ``true``, or ``auto`` on CUDA; never for ``any`` rotation."""
+    if train.rotation == "any" or (train.rotation == "none" and not train.hflip):
+        return False
+    return train.device_augment is True or (train.device_augment == "auto" and device.type == "cuda")
+
+
+def d4_batch(x: torch.Tensor, k: torch.Tensor, flip: torch.Tensor, hflip: torch.Tensor) -> torch.Tensor:
+    """Per image of an NCHW batch: :func:`d4_transform` (flip, then ``k`` quarter turns), then the extra ``hflip``.
+
+    ``k``, ``flip`` and ``hflip`` are CPU tensors. The images are grouped by symmetry through one index
+    permutation, copied to the device pinned and non-blocking, so the host never waits for the device.
+    """
+    code = k + 4 * flip.long() + 8 * hflip.long()
+    order = torch.argsort(code, stable=True)
+    if x.device.type == "cuda":
+        order = order.pin_memory()
+    perm = order.to(x.device, non_blocking=True)
+    sorted_x = x.index_select(0, perm)
+    parts, start = [], 0
+    for c, n in zip(*torch.unique(code, return_counts=True)):
+        c, n = int(c), int(n)
+        part = sorted_x.narrow(0, start, n)
+        if c & 4:
+            part = part.flip(-1)
+        part = torch.rot90(part, c & 3, dims=(-2, -1))
+        if c & 8:
+            part = part.flip(-1)
+        parts.append(part)
+        start += n
+    return torch.empty_like(x).index_copy_(0, perm, torch.cat(parts))
+
+
+class DeviceAugment:
+    """The exact rotations/flips of ``train.rotation``/``train.hflip`` on a batch already on the device.
+
+    ``rot90`` draws quarter turns only (never a flip), ``d4`` also a flip: the draws of :class:`TrainTransform`.
+    """
+
+    def __init__(self, train: TrainConfig) -> None:
+        self.rotation = train.rotation
+        self.hflip = train.hflip
+        self.generator = torch.Generator()
+
+    def reseed(self, seed: int) -> None:
+        """Start an epoch's draws (the trainer seeds from ``(train.seed, epoch)``)."""
+        self.generator.manual_seed(seed)
+
+    def draw(self, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Quarter turns, flips and extra horizontal flips for ``n`` images (CPU tensors)."""
+        g = self.generator
+        turns = self.rotation in ("rot90", "d4")
+        k = torch.randint(0, 4, (n,), generator=g) if turns else torch.zeros(n, dtype=torch.int64)
+        flip = torch.rand(n, generator=g) < 0.5 if self.rotation == "d4" else torch.zeros(n, dtype=torch.bool)
+        hflip = torch.rand(n, generator=g) < 0.5 if self.hflip else torch.zeros(n, dtype=torch.bool)
+        return k, flip, hflip
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return d4_batch(x, *self.draw(len(x)))

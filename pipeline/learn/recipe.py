@@ -1,4 +1,5 @@
-"""The training recipe from ``cfg.model`` and ``cfg.train``, all from timm: network, scheduler, loss, mixup, autocast."""
+"""The training recipe from ``cfg.model`` and ``cfg.train``, all from timm: network, optimizer, scheduler, loss, mixup,
+autocast, and how the network is compiled."""
 
 from __future__ import annotations
 
@@ -9,11 +10,15 @@ from typing import Any
 import torch
 from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.optim import create_optimizer_v2
 from timm.scheduler import StepLRScheduler, create_scheduler_v2
 
 from pipeline.config import Config, TrainConfig
 
 log = logging.getLogger(__name__)
+
+# timm optimizer names that build a torch optimizer with a fused CUDA kernel (``fused=True`` passes through timm)
+FUSED_OPTIMIZERS = frozenset({"adam", "adamw", "sgd", "momentum"})
 
 
 def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
@@ -34,6 +39,43 @@ def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
         warnings.warn(f"train.amp={amp} is not supported on {device}: training in float32 ({exc})", stacklevel=2)
         return None
     return dtype
+
+
+def build_optimizer(model: torch.nn.Module, t: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    """timm's optimizer for ``train.opt``; on CUDA the fused kernel where the torch optimizer behind the name has one."""
+    fused = {"fused": True} if device.type == "cuda" and t.opt.lower() in FUSED_OPTIMIZERS else {}
+    return create_optimizer_v2(model, opt=t.opt, lr=t.lr, weight_decay=t.weight_decay, **fused)
+
+
+def compile_network(net: torch.nn.Module, model: torch.nn.Module, scope: str) -> torch.nn.Module:
+    """``torch.compile`` the whole network, or (``blocks``) each block of ``model``'s repeated-block containers in place.
+
+    Regional compilation traces one block type per shape instead of the whole graph, so compile time stays
+    short for deep models; the network keeps its eager structure (and its state-dict keys) either way. Shapes
+    are static: training has one batch shape, validation one or two more, and inductor's dynamic-shape path
+    failed on these models' backward (torch 2.14, CPU).
+    """
+    if scope == "model":
+        return torch.compile(net, dynamic=False)
+    blocks = repeated_blocks(model)
+    for block in blocks:
+        block.compile(dynamic=False)
+    log.info("compiling %d repeated blocks regionally", len(blocks))
+    return net
+
+
+def repeated_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The innermost repeated blocks: children of a Sequential/ModuleList whose children share one class
+    (a stage's blocks), leaving out any that hold such blocks themselves (the stages around them)."""
+    found = [
+        child
+        for module in model.modules()
+        if isinstance(module, (torch.nn.Sequential, torch.nn.ModuleList)) and len(module) > 1
+        and len({type(c) for c in module}) == 1
+        for child in module
+    ]
+    ids = {id(b) for b in found}
+    return [b for b in found if not any(id(m) in ids for m in b.modules() if m is not b)]
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Config, updates_per_epoch: int) -> Any:

@@ -14,7 +14,15 @@ the thread count).
 Data. Each rank runs ``train_samples // (world_size * batch_size)`` steps per epoch (every rank the same
 number, as DDP requires), read by the shard reader (:mod:`pipeline.data.reader`: reader slots over ranks and
 workers, shuffle buffers, and with ``train.stratified_batches`` batches that hold every class present in the
-training split).
+training split). One loader serves all of a run's epochs (:class:`~pipeline.data.reader.EpochStream`): workers
+start once and decode the next epoch during validation, and each epoch is re-seeded exactly as before.
+
+Speed (``docs/training.md``). On the CPU the model's thread count is measured in the first steps
+(:class:`~pipeline.runtime.ThreadTrial`) unless ``train.threads`` fixes it or the run is deterministic (then every
+core). Validation decodes the val split once and keeps it in memory (``train.val_cache_mb``); checkpoints and
+history are written by a background thread from a snapshot taken at the epoch's end, one write in flight at a
+time, waited for before the next and at exit. On the device: exact rotations/flips (``train.device_augment``),
+fused optimizers, and ``torch.compile`` of the model or of its repeated blocks (``train.compile_scope``).
 """
 
 from __future__ import annotations
@@ -24,8 +32,11 @@ import logging
 import math
 import os
 import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -33,14 +44,20 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from timm.data import Mixup
-from timm.optim import create_optimizer_v2
 from timm.utils import ModelEmaV3
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from pipeline.learn.augment import train_transform
+from pipeline.learn.augment import DeviceAugment, augment_on_device, train_transform
 from pipeline.learn.outputs import summary, weights_digest, write_history
-from pipeline.learn.recipe import amp_dtype, build_scheduler, build_train_model, loss_and_mixup
+from pipeline.learn.recipe import (
+    amp_dtype,
+    build_optimizer,
+    build_scheduler,
+    build_train_model,
+    compile_network,
+    loss_and_mixup,
+)
 from pipeline.learn.checkpoint import (
     check_compatible,
     load_checkpoint,
@@ -61,11 +78,19 @@ from pipeline.learn.distributed import (
 from pipeline.errors import CheckpointError, ConfigError, DataError
 from pipeline.io import atomic_write_json
 from pipeline.layout import StageRun
-from pipeline.runtime import compute_threads, resolve_device
+from pipeline.runtime import ThreadTrial, available_cores, resolve_device, thread_candidates
 from pipeline.score import metrics as M
-from pipeline.data.reader import MAIN_STREAM, StreamSpec, make_loader, seed_everything
+from pipeline.data.reader import (
+    DEVICE_AUG_STREAM,
+    MAIN_STREAM,
+    EpochStream,
+    StreamSpec,
+    make_loader,
+    seed_everything,
+    seed_int,
+)
 from pipeline.data.shards import load_manifest, shard_urls
-from pipeline.data.transforms import eval_transform, normalize_batch
+from pipeline.data.transforms import normalize_batch, resize, to_nchw
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +124,11 @@ class _Run:
     train_urls: tuple[str, ...]
     val_urls: tuple[str, ...]
     stratify: tuple[int, ...]
+    augment: DeviceAugment | None = None
+    stream: EpochStream | None = None
+    trial: ThreadTrial | None = None
+    val_cache: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+    first_step_s: float | None = None
     epoch: int = 0
     num_updates: int = 0
     best_metric: float = -math.inf
@@ -189,15 +219,40 @@ def _restore(run: _Run, path: Path) -> None:
         raise CheckpointError(f"{path}: cannot resume from it: {type(exc).__name__}: {str(exc)[:300]}") from None
 
 
-def _epoch_loader(run: _Run) -> Any:
-    """This epoch's training batches on this rank: order and augmentation drawn from ``(train.seed, epoch)``."""
+def _open_stream(run: _Run) -> EpochStream:
+    """This rank's training batches for every epoch still to run: order and augmentation drawn from ``(train.seed, epoch)``."""
     cfg, t = run.cfg, run.cfg.train
-    seed_everything(t.seed, run.epoch, MAIN_STREAM, run.info.rank)
     spec = StreamSpec(
         urls=run.train_urls, batch_size=t.batch_size, rank=run.info.rank, world_size=run.info.world_size, seed=t.seed,
         epoch=run.epoch, steps=run.steps, shuffle_buffer=t.shuffle_buffer, stratify=run.stratify,
+        epochs=t.epochs - run.epoch,
     )
-    return make_loader(spec, train_transform(t, cfg.model.img_size), t.workers, run.device.type == "cuda")
+    transform = train_transform(t, cfg.model.img_size, geometry=run.augment is None)
+    return EpochStream(spec, transform, t.workers, run.device.type == "cuda")
+
+
+def _epoch_batches(run: _Run) -> Iterator[Any]:
+    """This epoch's batches, with the trainer's generators (and the device augmentation's) seeded for it."""
+    t = run.cfg.train
+    seed_everything(t.seed, run.epoch, MAIN_STREAM, run.info.rank)
+    if run.augment is not None:
+        run.augment.reseed(seed_int(t.seed, run.epoch, DEVICE_AUG_STREAM, run.info.rank))
+    if run.stream is None:
+        run.stream = _open_stream(run)
+    return run.stream.next_epoch()
+
+
+def _after_step(run: _Run, seconds: float) -> None:
+    """Feed the thread trial; log the first step's time once (warm-up, and compilation when compiling)."""
+    if run.first_step_s is None:
+        run.first_step_s = seconds
+        if run.info.is_main:
+            log.info("first step: %.2f s%s", seconds, " (includes torch.compile)" if run.cfg.train.compile else "")
+    if run.trial is not None:
+        chosen = run.trial.after_step(seconds)
+        if chosen is not None and run.info.is_main:
+            medians = {n: round(float(np.median(v)), 3) for n, v in run.trial.times.items()}
+            log.info("model threads: %d of %d cores (median step seconds by threads: %s)", chosen, available_cores(), medians)
 
 
 def _step(run: _Run, loss: torch.Tensor) -> None:
@@ -225,16 +280,21 @@ def _step(run: _Run, loss: torch.Tensor) -> None:
 
 def _train_epoch(run: _Run, mixup: Mixup | None, loss_fn: torch.nn.Module, progress: bool) -> dict[str, float]:
     t = run.cfg.train
-    loader = _epoch_loader(run)
+    loader = _epoch_batches(run)
     run.net.train()
     fmt = torch.channels_last if t.channels_last else torch.contiguous_format
     loss_sum = torch.zeros((), dtype=torch.float64, device=run.device)
     lr_sum, seen = 0.0, 0
     show = progress and run.info.is_main
     bar = tqdm(total=run.steps, desc=f"epoch {run.epoch + 1}/{t.epochs}", unit="step", disable=not show, dynamic_ncols=True, leave=False)
-    start = time.perf_counter()
+    start = tick = time.perf_counter()
     for step, (images, labels, _, _) in enumerate(loader):
-        x = normalize_batch(images.to(run.device, non_blocking=True), t.input_range).contiguous(memory_format=fmt)
+        if run.trial is not None:
+            run.trial.before_step()
+        x = images.to(run.device, non_blocking=True)
+        if run.augment is not None:
+            x = run.augment(x)
+        x = normalize_batch(x, t.input_range).contiguous(memory_format=fmt)
         y = labels.to(run.device, non_blocking=True)
         if mixup is not None:
             x, y = mixup(x, y)
@@ -244,6 +304,9 @@ def _train_epoch(run: _Run, mixup: Mixup | None, loss_fn: torch.nn.Module, progr
         _step(run, loss)
         loss_sum += loss.detach().to(torch.float64)
         seen += len(labels)
+        now = time.perf_counter()
+        _after_step(run, now - tick)
+        tick = now
         bar.update(1)
         if show and (run.device.type == "cpu" or (step + 1) % LOSS_SYNC_EVERY == 0):
             elapsed = time.perf_counter() - start
@@ -268,27 +331,49 @@ def _end_epoch(run: _Run, loss_sum: torch.Tensor, lr_sum: float, seen: int, elap
     }
 
 
+def _resized(img_size: int, image: np.ndarray) -> torch.Tensor:
+    """Evaluation's preprocessing up to normalisation: CHW uint8 at ``img_size`` (4x smaller to keep than floats)."""
+    return resize(to_nchw(image), img_size)[0]
+
+
+def _val_batches(run: _Run) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The val split's uint8 batches: decoded on the first pass, from memory afterwards when they fit the cache."""
+    if run.val_cache is not None:
+        yield from run.val_cache
+        return
+    cfg = run.cfg
+    # no gradients to hold, so batches of at least VAL_MIN_BATCH amortise the per-call overhead of small models
+    batch = max(cfg.train.batch_size, VAL_MIN_BATCH)
+    spec = StreamSpec(urls=run.val_urls, batch_size=batch, rank=run.info.rank, world_size=run.info.world_size)
+    loader = make_loader(spec, partial(_resized, cfg.model.img_size), cfg.train.workers, run.device.type == "cuda")
+    kept, size, limit = [], 0, cfg.train.val_cache_mb * 2**20
+    for images, labels, _, _ in loader:
+        size += images.numel()
+        if size <= limit:
+            kept.append((images, labels))
+        yield images, labels
+    if size <= limit:
+        run.val_cache = kept
+
+
 @torch.inference_mode()
 def validation_pass(run: _Run) -> dict[str, float]:
     """One pass over the val split (split across ranks and workers); loss and confusion summed over ranks.
 
     Each rank's confusion matrix comes from ``pipeline.score.metrics`` (the code ``evaluate`` reports with);
-    int64 counts sum across ranks exactly, so every rank then derives the same top-1 and macro-F1.
+    int64 counts sum across ranks exactly, so every rank then derives the same top-1 and macro-F1. The input is
+    evaluation's (resize, then :func:`normalize_batch`), normalised here on the device.
     """
     cfg = run.cfg
     net = run.ema.module if run.ema is not None else run.model
     net.eval()
     num_classes = len(run.class_names)
-    # no gradients to hold, so batches of at least VAL_MIN_BATCH amortise the per-call overhead of small models
-    batch = max(cfg.train.batch_size, VAL_MIN_BATCH)
-    spec = StreamSpec(urls=run.val_urls, batch_size=batch, rank=run.info.rank, world_size=run.info.world_size)
-    loader = make_loader(spec, eval_transform(cfg.model.img_size, cfg.train.input_range), cfg.train.workers, False)
     fmt = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
     cm = np.zeros((num_classes, num_classes), dtype=np.int64)
     loss_sum = torch.zeros((), dtype=torch.float64, device=run.device)
-    for images, labels, _, _ in loader:
-        x = images.to(run.device).contiguous(memory_format=fmt)
-        y = labels.to(run.device)
+    for images, labels in _val_batches(run):
+        x = normalize_batch(images.to(run.device, non_blocking=True), cfg.train.input_range).contiguous(memory_format=fmt)
+        y = labels.to(run.device, non_blocking=True)
         with run.autocast():
             logits = net(x)
         loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").to(torch.float64)
@@ -327,7 +412,7 @@ def _setup(cfg: Config, shards_dir: Path, info: DistInfo, device: torch.device) 
     model = build_train_model(cfg, num_classes).to(device)
     if t.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = create_optimizer_v2(model, opt=t.opt, lr=t.lr, weight_decay=t.weight_decay)
+    optimizer = build_optimizer(model, t, device)
     scheduler = build_scheduler(optimizer, cfg, steps)
     dtype = amp_dtype(t.amp, device)
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
@@ -336,7 +421,7 @@ def _setup(cfg: Config, shards_dir: Path, info: DistInfo, device: torch.device) 
         cfg=cfg, info=info, device=device, class_names=class_names, model=model, net=model, optimizer=optimizer,
         scheduler=scheduler, scaler=scaler, ema=ema, autocast_dtype=dtype, steps=steps,
         train_urls=tuple(shard_urls(shards_dir, "train")), val_urls=tuple(shard_urls(shards_dir, "val")),
-        stratify=stratify,
+        stratify=stratify, augment=DeviceAugment(t) if augment_on_device(t, device) else None,
     )
 
 
@@ -359,7 +444,7 @@ def train(cfg: Config, shards_dir: Path, out_dir: Path, *, resume: bool = False,
     shards_dir, out_dir = Path(shards_dir), Path(out_dir)
     device = resolve_device(cfg.train.device, "train.device", dist_env().local_rank)
     if device.type == "cpu":
-        torch.set_num_threads(compute_threads(0, cfg.train.workers))
+        torch.set_num_threads(cfg.train.threads or available_cores())
     info, created = init_distributed(device)
     try:
         return _train(cfg, shards_dir, out_dir, info, device, resume=resume, progress=progress)
@@ -383,7 +468,10 @@ def _start(cfg: Config, shards_dir: Path, last: Path, info: DistInfo, device: to
     if info.enabled:
         run.net = DistributedDataParallel(run.model, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg.train.compile:
-        run.net = torch.compile(run.net)
+        run.net = compile_network(run.net, run.model, cfg.train.compile_scope)
+    t = cfg.train
+    if device.type == "cpu" and not t.threads and not t.deterministic:
+        run.trial = ThreadTrial(thread_candidates(t.workers))
     return run
 
 
@@ -412,15 +500,69 @@ def _record_epoch(run: _Run, stats: dict[str, float], val: dict[str, float]) -> 
     return row, improved
 
 
-def _write_epoch(run: _Run, out_dir: Path, row: dict[str, Any], improved: bool, params: int, progress: bool) -> None:
-    """Rank 0: best.pt when improved, last.pt, history and summary, and one log line."""
-    t = run.cfg.train
+def snapshot(obj: Any) -> Any:
+    """A copy of a payload that later training steps cannot change: tensors cloned to the CPU, containers copied."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: snapshot(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(snapshot(v) for v in obj)
+    return obj
+
+
+class _Writer:
+    """Rank 0's epoch files, written by one background thread so the next epoch trains meanwhile.
+
+    One write in flight at a time, each of a :func:`snapshot`; every file is written atomically, so a kill
+    leaves the previous epoch's complete files. :meth:`wait` raises the write's error, if any.
+    """
+
+    def __init__(self) -> None:
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="astroflow-checkpoint")
+        self.pending: Future[None] | None = None
+
+    def submit(self, write: Callable[[], None]) -> None:
+        self.wait()
+        self.pending = self.pool.submit(write)
+
+    def wait(self) -> None:
+        pending, self.pending = self.pending, None
+        if pending is not None:
+            pending.result()
+
+    def close(self) -> None:
+        try:
+            self.wait()
+        finally:
+            self.pool.shutdown()
+
+
+def _epoch_files(run: _Run, out_dir: Path, row: dict[str, Any], improved: bool, params: int) -> Callable[[], None]:
+    """The writes of best.pt when improved, last.pt, history and summary, from a snapshot of this moment."""
+    best = None
     if improved:
         weights = (run.ema.module if run.ema is not None else run.model).state_dict()
-        save_checkpoint(out_dir / BEST, {**run.common_payload(), "kind": "inference", "model": weights, "metrics": row})
-    save_checkpoint(out_dir / LAST, run.resume_payload())
-    write_history(out_dir / HISTORY, run.history)
-    atomic_write_json(out_dir / METRICS, summary(run.state(), run.cfg, params, run.info.world_size))
+        best = snapshot({**run.common_payload(), "kind": "inference", "model": weights, "metrics": row})
+    last, history = snapshot(run.resume_payload()), snapshot(run.history)
+    metrics = summary(run.state(), run.cfg, params, run.info.world_size)
+
+    def write() -> None:
+        if best is not None:
+            save_checkpoint(out_dir / BEST, best)
+        save_checkpoint(out_dir / LAST, last)
+        write_history(out_dir / HISTORY, history)
+        atomic_write_json(out_dir / METRICS, metrics)
+
+    return write
+
+
+def _write_epoch(
+    run: _Run, writer: _Writer, out_dir: Path, row: dict[str, Any], improved: bool, params: int, progress: bool
+) -> None:
+    """Rank 0: hand the epoch's files to the background writer, and one log line."""
+    t = run.cfg.train
+    writer.submit(_epoch_files(run, out_dir, row, improved, params))
     line = (
         f"epoch {run.epoch}/{t.epochs}: train_loss {row['train_loss']:.4f} val_loss {row['val_loss']:.4f} "
         f"top1 {row['val_top1']:.4f} macro_f1 {row['val_macro_f1']:.4f} lr {row['lr']:.2e} "
@@ -448,13 +590,19 @@ def _train(
             "training %s (%.2fM params) on %s x%d: %d steps/epoch of %d, epochs %d..%d",
             cfg.model.name, params / 1e6, device, info.world_size, run.steps, t.batch_size, run.epoch + 1, t.epochs,
         )
-    while run.epoch < t.epochs and not run.stopped_early:
-        epoch_start = time.perf_counter()
-        stats = _train_epoch(run, mixup, loss_fn, progress)
-        row, improved = _record_epoch(run, stats, validation_pass(run))
-        run.wall_time_s += time.perf_counter() - epoch_start  # train + validation; checkpoint writes excluded
-        if info.is_main:
-            _write_epoch(run, out_dir, row, improved, params, progress)
+    writer = _Writer()
+    try:
+        while run.epoch < t.epochs and not run.stopped_early:
+            epoch_start = time.perf_counter()
+            stats = _train_epoch(run, mixup, loss_fn, progress)
+            row, improved = _record_epoch(run, stats, validation_pass(run))
+            run.wall_time_s += time.perf_counter() - epoch_start  # train + validation; checkpoint writes excluded
+            if info.is_main:
+                _write_epoch(run, writer, out_dir, row, improved, params, progress)
+    finally:
+        if run.stream is not None:
+            run.stream.close()
+        writer.close()
     final = {**summary(run.state(), cfg, params, info.world_size), "weights_sha256": weights_digest(run.model)}
     if info.is_main:
         if run.history:

@@ -1,13 +1,14 @@
-"""``astroflow``: one sub-command per stage, plus ``run`` (every stage in order) and helpers.
+"""astroflow: one command per pipeline stage, plus run (every stage in order) and helpers.
 
-Every command takes ``--params`` (default: ``params.yaml`` in the working directory if present,
-else the built-in defaults), repeatable ``--set section.key=value`` and ``--workdir``. The whole
-config is validated before any work starts. Errors meant for people print one message, no traceback.
+Every command takes --params (default: params.yaml in the working directory if present, else the
+built-in defaults), repeatable --set section.key=value and --workdir. The whole config is validated
+before any work starts. Errors meant for people print one message, no traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import json
 import sys
@@ -44,6 +45,15 @@ def _config(args: argparse.Namespace) -> tuple[Config, Layout]:
     if params is None and (layout.root / "params.yaml").is_file():
         params = layout.root / "params.yaml"
     return load_config(params, args.overrides), layout
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("astroflow")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        return "unknown (not installed)"
 
 
 def _say(message: str) -> None:
@@ -119,8 +129,9 @@ def cmd_run(cfg: Config, layout: Layout, args: argparse.Namespace) -> dict[str, 
     dump_params(cfg, layout.root / "params.resolved.yaml")
     timings: dict[str, float] = {}
     result: dict[str, Any] = {}
+    started = time.perf_counter()
     for i, stage in enumerate(STAGES, 1):
-        _say(f"== stage {i}/{len(STAGES)}: {stage.name}")
+        _say(f"stage {i}/{len(STAGES)} {stage.name}: {stage.help} ({time.perf_counter() - started:.0f}s since the start)")
         t0 = time.perf_counter()
         result = _run_stage(stage.name, cfg, layout, args)
         timings[stage.name] = round(time.perf_counter() - t0, 2)
@@ -130,9 +141,10 @@ def cmd_run(cfg: Config, layout: Layout, args: argparse.Namespace) -> dict[str, 
 
 def cmd_predict(cfg: Config, layout: Layout, args: argparse.Namespace) -> dict[str, Any]:
     """Without arguments: the DVC ``predict`` stage. With any: classify what they name into a catalog root."""
-    if not any(getattr(args, k) is not None for k in ("input", "checkpoint", "calibration", "output")):
+    if not any(getattr(args, k) is not None for k in ("input", "checkpoint", "calibration", "output", "dask")):
         return _run_stage("predict", cfg, layout, args)
-    from pipeline.catalog.predict import predict
+    from pipeline.catalog.distributed import predictor
+    from pipeline.io import check_writable
 
     if args.input is not None:
         cfg.predict.input = str(Path(args.input).resolve())
@@ -143,12 +155,16 @@ def cmd_predict(cfg: Config, layout: Layout, args: argparse.Namespace) -> dict[s
     if args.tta:
         cfg.predict.tta = True
     checkpoint = Path(args.checkpoint).resolve() if args.checkpoint else layout.train / "best.pt"
-    calibration = args.calibration or (layout.calibration_file if layout.calibration_file.is_file() else None)
-    summary = predict(
+    calibration = args.calibration.resolve() if args.calibration else None
+    if calibration is None and layout.calibration_file.is_file():
+        calibration = layout.calibration_file
+    out_root = Path(args.output).resolve() if args.output else layout.resolve(cfg.schedule.catalog)
+    check_writable(out_root)
+    summary = predictor(args.dask)(
         cfg,
         checkpoint,
         layout.resolve(cfg.predict.input) if cfg.predict.input else None,
-        Path(args.output).resolve() if args.output else layout.resolve(cfg.schedule.catalog),
+        out_root,
         calibration=calibration,
         shards_dir=layout.shards,
         progress=not args.quiet,
@@ -192,21 +208,52 @@ def cmd_download(cfg: Config, layout: Layout, args: argparse.Namespace) -> dict[
 
 
 def cmd_params(cfg: Config, layout: Layout, args: argparse.Namespace) -> dict[str, Any]:
+    """The resolved configuration as YAML; with --explain each key has its description above it as a comment."""
     import yaml
 
-    print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+    if args.explain:
+        print("\n".join(_explained(cfg)))
+    else:
+        print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
     return {}
 
 
+def _explained(section: Any, indent: str = "") -> list[str]:
+    """YAML lines of ``section`` with each field's description (the text the Prefect form shows) as a comment."""
+    import textwrap
+
+    import yaml
+    from pydantic import BaseModel
+
+    values = section.model_dump(mode="json", by_alias=True)
+    lines = []
+    for name, field in type(section).model_fields.items():
+        key = field.alias or name
+        lines += textwrap.wrap(field.description or "", 116 - len(indent), initial_indent=f"{indent}# ", subsequent_indent=f"{indent}# ")
+        value = getattr(section, name)
+        if isinstance(value, BaseModel):
+            lines += [f"{indent}{key}:", *_explained(value, indent + "  ")]
+        else:
+            flow = None if isinstance(values[key], (list, dict)) else False  # lists on one line, scalars as key: value
+            dumped = yaml.safe_dump({key: values[key]}, default_flow_style=flow, sort_keys=False, width=10_000)
+            lines += [indent + line for line in dumped.rstrip("\n").splitlines()]
+    return lines
+
+
 def cmd_nightly(cfg: Config, layout: Layout, args: argparse.Namespace) -> dict[str, Any]:
-    """The nightly catalog in this process, without a Prefect server: the same function the flow calls."""
+    """The nightly catalog without a Prefect server (in this process, or its chunks on --dask): the flow's function."""
+    from pipeline.catalog.distributed import dask_client, dask_submit
     from pipeline.catalog.nightly import run_nightly
 
     if args.inbox is not None:
         cfg.schedule.inbox = str(Path(args.inbox).resolve())
     if args.catalog is not None:
         cfg.schedule.catalog = str(Path(args.catalog).resolve())
-    summary = run_nightly(cfg, layout)
+    if args.dask is None:
+        summary = run_nightly(cfg, layout)
+    else:
+        with dask_client(args.dask) as client:
+            summary = run_nightly(cfg, layout, dask_submit(client))
     print(json.dumps(summary, indent=2, default=str))
     if summary["failed"]:
         _say(f"{len(summary['failed'])} input(s) failed and stay unrecorded; run again to retry them")
@@ -271,11 +318,95 @@ def cmd_registry(cfg: Config, layout: Layout, args: argparse.Namespace) -> dict[
     return decision.to_dict()
 
 
+def cmd_catalog(cfg: Config, layout: Layout, args: argparse.Namespace) -> dict[str, Any]:
+    """``catalog export``: the complete runs of a catalog root (default: the nightly catalog) as one file.
+    ``catalog compact``: merge each complete run's chunk files (nightly catalog roots only)."""
+    from pipeline.catalog.export import export_catalog
+
+    root = args.catalog.resolve() if args.catalog else layout.resolve(cfg.schedule.catalog)
+    if args.action == "compact":
+        return _compact(root, layout)
+    result = export_catalog(root, args.output.resolve(), args.format, run=args.run, force=args.force)
+    _say(f"exported {result['rows']} rows of {len(result['runs'])} run(s) of {root} -> {result['output']} ({args.format})")
+    return result
+
+
+def _compact(root: Path, layout: Layout) -> dict[str, Any]:
+    from pipeline.catalog.compact import check_compactable, compact
+
+    check_compactable(root, layout.stage_dir("predict"))
+    result = compact(root)
+    print(json.dumps(result, indent=2))
+    _say(f"compacted {len(result['runs'])} partition(s) of {root}: {result['files_before']} files -> {result['files_after']}")
+    return result
+
+
 def cmd_serve(cfg: Config, layout: Layout, args: argparse.Namespace) -> dict[str, Any]:
     from flows.serve import serve
 
     serve(cfg, layout, params_path=args.params)
     return {}
+
+
+EXAMPLES: dict[str, tuple[str, ...]] = {
+    "prepare": ("astroflow prepare", "astroflow prepare --set data.source=h5 --set data.path=survey.h5"),
+    "validate": ("astroflow validate", "astroflow validate --set validate.min_class_count=50"),
+    "shard": ("astroflow shard", "astroflow shard --set split.seed=7 --set shard.image_format=npy"),
+    "train": (
+        "astroflow train --force --set train.epochs=5",
+        "astroflow train --resume",
+        "astroflow train --print-command --params configs/astroformer_galaxy10.yaml",
+    ),
+    "calibrate": ("astroflow calibrate",),
+    "evaluate": ("astroflow evaluate", "astroflow evaluate --set evaluate.tta=true"),
+    "predict": (
+        "astroflow predict",
+        "astroflow predict --input /data/new_cutouts/",
+        "astroflow predict --input survey.h5 --backend onnx --output catalog/",
+        "astroflow predict --input survey.h5 --dask tcp://scheduler:8786",
+    ),
+    "run": (
+        "astroflow run --workdir runs/demo",
+        "astroflow run --workdir runs/demo --force --set train.epochs=5",
+        "astroflow run --workdir runs/mine --set data.source=h5 --set data.path=survey.h5",
+    ),
+    "export": ("astroflow export --format onnx", "astroflow export --format onnx --output model.onnx"),
+    "models": ("astroflow models", "astroflow models astroformer_0 resnet18 --img-size 256"),
+    "download": ("astroflow download", "astroflow download --set data.galaxy10.cache_dir=/scratch/galaxy10"),
+    "params": (
+        "astroflow params",
+        "astroflow params --explain",
+        "astroflow params --params configs/astroformer_galaxy10.yaml --set train.epochs=10",
+    ),
+    "dvc-yaml": ("astroflow dvc-yaml", "astroflow dvc-yaml --check", "astroflow dvc-yaml --mermaid"),
+    "serve": ("astroflow serve", "PREFECT_API_URL=http://127.0.0.1:4200/api astroflow serve --params params.yaml"),
+    "nightly": ("astroflow nightly", "astroflow nightly --inbox /data/inbox --catalog /data/catalog", "astroflow nightly --dask local:2"),
+    "registry": ("astroflow registry list", "astroflow registry promote --reason 'better macro-F1'"),
+    "registry list": ("astroflow registry list",),
+    "registry show": ("astroflow registry show", "astroflow registry show MODEL_ID"),
+    "registry register": ("astroflow registry register",),
+    "registry promote": ("astroflow registry promote", "astroflow registry promote MODEL_ID --force --reason 'hand-checked'"),
+    "registry rollback": ("astroflow registry rollback --reason 'worse on new data'",),
+    "catalog": ("astroflow catalog export --format fits --output catalog.fits", "astroflow catalog compact"),
+    "catalog compact": ("astroflow catalog compact", "astroflow catalog compact --catalog /data/nightly-catalog"),
+    "catalog export": (
+        "astroflow catalog export --format fits --output catalog.fits",
+        "astroflow catalog export --format votable --output run.vot --run RUN_ID --catalog data/catalog",
+    ),
+}
+"""Examples shown at the end of each command's --help, keyed by the command after ``astroflow``."""
+
+
+def _with_examples(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Every (sub-)command's --help ends with its examples, printed as written."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                examples = EXAMPLES.get(sub.prog.removeprefix(f"{parser.prog.split()[0]} "), ())
+                sub.formatter_class = argparse.RawDescriptionHelpFormatter
+                sub.epilog = "examples:\n" + "\n".join(f"  {line}" for line in examples) if examples else None
+                _with_examples(sub)
+    return parser
 
 
 def _subcommands(sub: Any, helps: dict[str, str]) -> dict[str, argparse.ArgumentParser]:
@@ -287,7 +418,13 @@ def _subcommands(sub: Any, helps: dict[str, str]) -> dict[str, argparse.Argument
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="astroflow", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="astroflow",
+        description=__doc__.splitlines()[0],
+        epilog="examples:\n  astroflow run --workdir runs/demo\n  astroflow params --explain\n  astroflow COMMAND --help",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"astroflow {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     helps = {
         **{stage.name: stage.help for stage in STAGES},
@@ -315,6 +452,7 @@ def build_parser() -> argparse.ArgumentParser:
     subs["predict"].add_argument("--output", type=Path, default=None, help="catalog root (default: schedule.catalog; the DVC stage's data/catalog is written only without arguments)")
     subs["predict"].add_argument("--backend", choices=["torch", "onnx"], default=None)
     subs["predict"].add_argument("--tta", action="store_true", help="average the 8 rotations/flips")
+    subs["params"].add_argument("--explain", action="store_true", help="each key with its description, as YAML comments")
     subs["dvc-yaml"].add_argument("--check", action="store_true", help="exit 1 when dvc.yaml differs from the graph")
     subs["dvc-yaml"].add_argument("--mermaid", action="store_true", help="print the stage graph as a Mermaid diagram instead")
     subs["export"].add_argument("--format", choices=["onnx"], default="onnx")
@@ -324,6 +462,8 @@ def build_parser() -> argparse.ArgumentParser:
     subs["models"].add_argument("--img-size", type=int, default=None, help="default: model.img_size")
     subs["nightly"].add_argument("--inbox", type=Path, default=None, help="default: schedule.inbox")
     subs["nightly"].add_argument("--catalog", type=Path, default=None, help="catalog root (default: schedule.catalog)")
+    for name in ("predict", "nightly"):
+        subs[name].add_argument("--dask", default=None, metavar="ADDRESS", help="run the chunks as tasks on this Dask scheduler (tcp://host:8786), or on a local cluster of N worker processes (local:N); docs/scale.md")
     registry = sub.add_parser("registry", help="list, show, register, promote or roll back models", description="the model registry (registry.root)")
     actions = registry.add_subparsers(dest="action", required=True, metavar="ACTION")
     registry_helps = {
@@ -340,7 +480,17 @@ def build_parser() -> argparse.ArgumentParser:
         reg_subs[name].add_argument("--reason", default=None, help="why; recorded in the registry history")
     reg_subs["promote"].add_argument("--force", action="store_true", help="promote whatever the rule says (needs --reason)")
     reg_subs["promote"].add_argument("--shards", type=Path, default=None, help="the candidate's shards (default: those it was registered with)")
-    return parser
+    catalog = sub.add_parser("catalog", help="export the prediction catalog as one file, or compact it", description="the prediction catalog (docs/catalog.md)")
+    catalog_actions = catalog.add_subparsers(dest="action", required=True, metavar="ACTION")
+    export = _subcommands(catalog_actions, {"export": "write the catalog's complete runs to one file with units, descriptions and provenance"})["export"]
+    export.add_argument("--format", required=True, choices=["fits", "votable", "ecsv", "parquet", "csv"])
+    export.add_argument("--output", type=Path, required=True, help="the file to write (relative to the current directory)")
+    export.add_argument("--run", default=None, help="only this run id (default: every complete run)")
+    export.add_argument("--catalog", type=Path, default=None, help="catalog root (default: schedule.catalog, the nightly catalog)")
+    export.add_argument("--force", action="store_true", help="replace OUTPUT if it exists")
+    compact = _subcommands(catalog_actions, {"compact": "merge each complete run's chunk files into large files, atomically (nightly catalog only)"})["compact"]
+    compact.add_argument("--catalog", type=Path, default=None, help="catalog root (default: schedule.catalog, the nightly catalog)")
+    return _with_examples(parser)
 
 
 COMMANDS: dict[str, Callable[[Config, Layout, argparse.Namespace], dict[str, Any]]] = {
@@ -355,7 +505,12 @@ COMMANDS: dict[str, Callable[[Config, Layout, argparse.Namespace], dict[str, Any
     "serve": cmd_serve,
     "nightly": cmd_nightly,
     "registry": cmd_registry,
+    "catalog": cmd_catalog,
 }
+
+
+_USER_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR, errno.EISDIR, errno.EEXIST}
+"""OSErrors a person causes (permissions, a full or read-only disk, a file where a directory belongs): exit 2."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -370,6 +525,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_REFUSED
     except AstroflowError as exc:
         _say(f"error: {exc}")
+        return 2
+    except OSError as exc:
+        if exc.errno not in _USER_ERRNOS or exc.filename is None:
+            raise
+        _say(f"error: {exc.filename2 or exc.filename}: {exc.strerror} (check the path, its permissions and the free space)")
         return 2
     except KeyboardInterrupt:
         _say("interrupted; completed outputs are intact, partial ones were discarded")

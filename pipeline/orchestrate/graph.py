@@ -18,7 +18,7 @@ from pipeline.layout import STAGE_DIRS
 
 @dataclass(frozen=True)
 class Out:
-    """A DVC output, relative to the stage's directory ("" = the directory itself)."""
+    """A DVC output, relative to the stage's directory ("" = the directory itself), or ``/``-rooted for workspace paths."""
 
     path: str = ""
     cache: bool = True
@@ -27,13 +27,25 @@ class Out:
 
 @dataclass(frozen=True)
 class Plot:
-    """A top-level DVC plot over one of the stage's files (relative to its directory)."""
+    """A top-level DVC plot: ``y`` is (file relative to the stage's directory, column) pairs drawn against column ``x``.
+
+    One plot per quantity, so curves on different scales (a loss, an accuracy) never share an axis.
+    """
 
     title: str
-    file: str
     x: str
-    y: tuple[str, ...]
-    template: str | None = None
+    y: tuple[tuple[str, str], ...]
+    y_label: str
+    x_label: str = "epoch"
+    template: str = "linear"
+
+
+LIVE_METRICS = "live/plots/metrics"
+"""Where DVCLive writes one ``<name>.tsv`` per metric (``pipeline.learn.outputs.LIVE_DIR``); its ``step`` is the epoch."""
+
+
+def _live(*names: str) -> tuple[tuple[str, str], ...]:
+    return tuple((f"{LIVE_METRICS}/{name}.tsv", name) for name in names)
 
 
 @dataclass(frozen=True)
@@ -47,10 +59,10 @@ class Stage:
     """Upstream stage -> the files of its directory this stage reads (() = the whole directory)."""
     outs: tuple[Out, ...] = (Out(),)
     metrics: tuple[str, ...] = ()
-    """Metrics files: relative to the stage directory, or ``/``-rooted for workspace paths outside it."""
+    """Headline metrics files (``dvc metrics show``, ``dvc exp show``): a few numbers each; relative to the stage directory."""
     plots: tuple[Plot, ...] = ()
     summary_file: str | None = None
-    """Workspace file (outside the stage directory) the stage writes its summary to, for DVC metrics."""
+    """Workspace file (outside the stage directory) the stage writes its whole summary to (an output, not a metric)."""
     cmd_args: str = ""
     stored: bool = True
     """Kept in the content-addressed store and run by the retrain flow (``predict`` appends to a catalog instead)."""
@@ -75,8 +87,7 @@ STAGES: tuple[Stage, ...] = (
         "pipeline.data.validate",
         params=("validate", "data.class_names"),
         upstream={"prepare": ()},
-        outs=(Out("summary.md", cache=False),),
-        metrics=("report.json",),
+        outs=(Out("summary.md", cache=False), Out("report.json", cache=False)),
     ),
     Stage(
         "shard",
@@ -91,11 +102,12 @@ STAGES: tuple[Stage, ...] = (
         "pipeline.learn.train",
         params=("model", "train"),
         upstream={"shard": ()},
-        outs=(Out("best.pt"), Out("last.pt"), Out("history.csv", cache=False)),
-        metrics=("metrics.json",),
+        outs=(Out("best.pt"), Out("last.pt"), Out("history.csv", cache=False), Out("metrics.json", cache=False), Out("live/plots")),
+        metrics=("live/metrics.json",),
         plots=(
-            Plot("Learning curves", "history.csv", "epoch", ("train_loss", "val_loss", "val_top1", "val_macro_f1")),
-            Plot("Learning rate", "history.csv", "epoch", ("lr",)),
+            Plot("Loss", "step", _live("train_loss", "val_loss"), "cross-entropy loss"),
+            Plot("Validation accuracy", "step", _live("val_top1", "val_macro_f1"), "top-1 / macro-F1"),
+            Plot("Learning rate", "step", _live("lr"), "learning rate"),
         ),
         cmd_args="--force",  # DVC owns and versions these outputs: replacing them is its decision
         resumable=True,
@@ -113,18 +125,30 @@ STAGES: tuple[Stage, ...] = (
         "pipeline.score.evaluate",
         params=("evaluate", "calibrate.bins"),
         upstream={"shard": (), "train": ("best.pt",), "calibrate": ()},
-        metrics=("/metrics/eval.json",),
-        plots=(Plot("Test-split confusion matrix", "confusion.csv", "actual", ("predicted",), template="confusion"),),
+        outs=(
+            *(Out(f) for f in ("metrics.json", "report.md", "confusion.png", "confusion.csv", "confusion_plot.csv", "predictions.csv")),
+            Out("/metrics/eval.json", cache=False),
+        ),
+        metrics=("headline.json",),
+        plots=(
+            Plot(
+                "Test-split confusion matrix",
+                "predicted",
+                (("confusion_plot.csv", "actual"),),
+                "true class",
+                x_label="predicted class",
+                template="confusion",
+            ),
+        ),
         summary_file="metrics/eval.json",
     ),
     Stage(
         "predict",
         "classify the test split (or predict.input) into the DVC-tracked catalog data/catalog",
         "pipeline.catalog.predict",
-        params=("predict",),
+        params=("predict", "data"),  # data.folder.pixels: how image-file inputs are read
         upstream={"shard": (), "train": ("best.pt",), "calibrate": ()},
-        outs=(Out(cache=False, persist=True),),
-        metrics=("/metrics/predict.json",),
+        outs=(Out(cache=False, persist=True), Out("/metrics/predict.json", cache=False)),
         summary_file="metrics/predict.json",
         cmd_args="-q",
         stored=False,

@@ -46,3 +46,21 @@ def test_cli_progress_in_a_log_file_has_no_carriage_returns(tmp_path: Path) -> N
     text = log.read_text()
     assert proc.returncode == 0, text
     assert "\r" not in text and "prepare: 40/40 img (100%)" in text, text
+
+
+def test_every_progress_bar_goes_through_pipeline_progress() -> None:
+    """A bar imported from tqdm directly would write carriage returns into logs again (training's epoch bar did)."""
+    root = Path(__file__).resolve().parents[1] / "pipeline"
+    direct = [str(p.relative_to(root)) for p in root.rglob("*.py") if p.name != "progress.py" and "from tqdm" in p.read_text()]
+    assert direct == []
+
+
+def test_a_bar_redrawn_every_step_is_still_throttled(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Training's bar calls set_postfix each step, which redraws it: still one line per LOG_EVERY_S, plus the last."""
+    err = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", err)
+    with progress.tqdm(total=50, desc="epoch 1/1", unit="step", disable=False, leave=False) as bar:
+        for step in range(50):
+            bar.set_postfix(loss=1.0 / (step + 1))
+            bar.update(1)
+    assert [line.split(" (")[0] for line in err.getvalue().splitlines()] == ["epoch 1/1: 50/50 step"]

@@ -46,10 +46,10 @@ import torch.nn.functional as F
 from timm.data import Mixup
 from timm.utils import ModelEmaV3
 from torch.nn.parallel import DistributedDataParallel
-from tqdm.auto import tqdm
 
 from pipeline.learn.augment import DeviceAugment, augment_on_device, train_transform
 from pipeline.learn.outputs import summary, weights_digest, write_history
+from pipeline.progress import tqdm
 from pipeline.learn.recipe import (
     amp_dtype,
     build_optimizer,

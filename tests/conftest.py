@@ -172,6 +172,40 @@ def write_red_shards(root: Path, *extra: str, n: int = 100, seed: int = 0) -> Pa
     return root / "shards"
 
 
+FOUR_CLASSES = (1, 2, 7, 9)
+"""Merging, Round Smooth, Unbarred Loose Spiral, Edge-on with Bulge: the Galaxy10 classes distinct at 32 px."""
+
+
+def four_class_data(per_shard: int) -> list[str]:
+    """Data overrides of the small training tests: :data:`FOUR_CLASSES`, 70 % train and 30 % val, in shards of
+    ``per_shard`` samples."""
+    from pipeline.data.sources.synthetic import CLASS_NAMES
+
+    return [
+        f"data.class_names={[CLASS_NAMES[k] for k in FOUR_CLASSES]}",
+        "shard.workers=1",
+        f"shard.max_samples_per_shard={per_shard}",
+        "split.train=0.7",
+        "split.val=0.3",
+        "split.test=0.0",
+    ]
+
+
+def write_four_class_shards(root: Path, cfg: Config, n: int) -> Path:
+    """``n`` synthetic galaxies of :data:`FOUR_CLASSES` at 32 px (labels 0-3), prepared and sharded under ``root``."""
+    from pipeline.data.prepare import write_prepared
+    from pipeline.data.shards import write_shards
+    from pipeline.data.sources.arrays import ArraySource
+    from pipeline.data.sources.synthetic import CLASS_NAMES, generate_arrays
+
+    weights = np.zeros(len(CLASS_NAMES))
+    weights[list(FOUR_CLASSES)] = 1
+    d = generate_arrays(n, size=32, seed=0, class_weights=weights)
+    write_prepared(ArraySource(d["images"], np.searchsorted(FOUR_CLASSES, d["label"])), root / "prepared.h5", cfg.data, progress=False)
+    write_shards(cfg, root / "prepared.h5", root / "shards", progress=False)
+    return root / "shards"
+
+
 @pytest.fixture(scope="module")
 def red_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """100 images of :func:`write_red_shards` in 7-sample shards, shared by a test module."""

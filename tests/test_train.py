@@ -30,23 +30,13 @@ from pipeline.learn.augment import TrainTransform, d4_transform, inscribed_side,
 from pipeline.learn.checkpoint import FORMAT, load_checkpoint, load_model, save_checkpoint
 from pipeline.config import Config, TrainConfig, dump_params, load_config
 from pipeline.errors import CheckpointError, ConfigError
-from pipeline.data.prepare import write_prepared
 from pipeline.data.reader import iter_split
-from pipeline.data.shards import write_shards
-from pipeline.data.sources.arrays import ArraySource
-from pipeline.data.sources.synthetic import CLASS_NAMES, generate_arrays
+from pipeline.data.sources.synthetic import CLASS_NAMES
 from pipeline.data.transforms import eval_transform, normalize_batch
+from conftest import FOUR_CLASSES, four_class_data, write_four_class_shards
 
 ROOT = Path(__file__).resolve().parents[1]
-KEEP = (1, 2, 7, 9)  # Merging, Round Smooth, Unbarred Loose Spiral, Edge-on with Bulge: distinct at 32 px
-DATA = [
-    f"data.class_names={[CLASS_NAMES[k] for k in KEEP]}",
-    "shard.workers=1",
-    "shard.max_samples_per_shard=50",
-    "split.train=0.7",
-    "split.val=0.3",
-    "split.test=0.0",
-]
+DATA = four_class_data(per_shard=50)
 # Small, fast and still exercising every source of randomness: dropout paths, mixup, RandAugment, d4, EMA.
 BASE = [
     "model.name=astroformer_pico",
@@ -71,15 +61,7 @@ def _cfg(*extra: str) -> Config:
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """400 synthetic galaxies of 4 well-separated classes at 32 px: 280 train / 120 val in 50-sample shards."""
-    root = tmp_path_factory.mktemp("train_data")
-    weights = np.zeros(len(CLASS_NAMES))
-    weights[list(KEEP)] = 1
-    d = generate_arrays(400, size=32, seed=0, class_weights=weights)
-    labels = np.searchsorted(KEEP, d["label"])
-    cfg = _cfg()
-    write_prepared(ArraySource(d["images"], labels), root / "prepared.h5", cfg.data, progress=False)
-    write_shards(cfg, root / "prepared.h5", root / "shards", progress=False)
-    return root / "shards"
+    return write_four_class_shards(tmp_path_factory.mktemp("train_data"), _cfg(), 400)
 
 
 def _tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -133,7 +115,7 @@ def test_learns_synthetic_galaxies_well_above_chance(shards: Path, tmp_path: Pat
 
     model, loaded_cfg, payload = load_model(tmp_path / "best.pt")
     assert payload["epoch"] == summary["best_epoch"] and loaded_cfg.model.img_size == 32
-    assert payload["class_names"] == [CLASS_NAMES[k] for k in KEEP]
+    assert payload["class_names"] == [CLASS_NAMES[k] for k in FOUR_CLASSES]
     # best.pt re-scores the reported validation accuracy through the eval preprocessing (other batch sizes
     # may round a near-tie differently, so one sample of slack)
     tf = eval_transform(32, loaded_cfg.train.input_range)

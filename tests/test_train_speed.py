@@ -13,26 +13,16 @@ import torch
 
 from pipeline.config import Config, TrainConfig, load_config
 from pipeline.data import reader
-from pipeline.data.prepare import write_prepared
 from pipeline.data.reader import EpochStream, StreamSpec, make_loader
-from pipeline.data.shards import shard_urls, write_shards
-from pipeline.data.sources.arrays import ArraySource
-from pipeline.data.sources.synthetic import CLASS_NAMES, generate_arrays
+from pipeline.data.shards import shard_urls
 from pipeline.data.transforms import resize, to_nchw
 from pipeline.learn import recipe
 from pipeline.learn import train as T
 from pipeline.learn.augment import DeviceAugment, TrainTransform, augment_on_device, d4_batch, d4_transform
 from pipeline.runtime import ThreadTrial, pick_threads
+from conftest import four_class_data, write_four_class_shards
 
-KEEP = (1, 2, 7, 9)
-DATA = [
-    f"data.class_names={[CLASS_NAMES[k] for k in KEEP]}",
-    "shard.workers=1",
-    "shard.max_samples_per_shard=40",
-    "split.train=0.7",
-    "split.val=0.3",
-    "split.test=0.0",
-]
+DATA = four_class_data(per_shard=40)
 BASE = [
     "model.name=astroformer_pico",
     "model.img_size=32",
@@ -55,14 +45,7 @@ def _cfg(*extra: str) -> Config:
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """200 synthetic galaxies of 4 classes at 32 px: 140 train / 60 val in 40-sample shards."""
-    root = tmp_path_factory.mktemp("speed_data")
-    weights = np.zeros(len(CLASS_NAMES))
-    weights[list(KEEP)] = 1
-    d = generate_arrays(200, size=32, seed=0, class_weights=weights)
-    cfg = _cfg()
-    write_prepared(ArraySource(d["images"], np.searchsorted(KEEP, d["label"])), root / "prepared.h5", cfg.data, progress=False)
-    write_shards(cfg, root / "prepared.h5", root / "shards", progress=False)
-    return root / "shards"
+    return write_four_class_shards(tmp_path_factory.mktemp("speed_data"), _cfg(), 200)
 
 
 # ---------------------------------------------------------------- thread policy

@@ -103,8 +103,6 @@ class FolderConfig(Section):
     id_column: str = Field("id", description="Catalog column holding each galaxy's unique id.")
     label_column: str = Field("label", description="Catalog column holding the class: an integer label or a name from data.class_names.")
     path_column: str = Field("path", description="Image path column, relative to the catalog's folder.")
-    center_crop: int | None = Field(None, gt=0, description="Side in pixels of the central crop, before resizing.")
-    resize: int | None = Field(None, gt=0, description="Side in pixels every image is resized to.")
     pixels: PixelsConfig = Field(
         default_factory=PixelsConfig, description="The pixel rule for image and FITS files, shared by this source and predict."
     )
@@ -122,6 +120,11 @@ class DataConfig(Section):
     )
     path: str | None = Field(None, description="h5: the file; folder: the directory; galaxy10: an optional local copy.")
     chunk_size: int = Field(256, gt=0, description="Images read and written per chunk (bounds peak memory).")
+    center_crop: float | None = Field(
+        None, gt=0, le=1, description="Central square kept by prepare, as a fraction of the shorter image side (every "
+        "source; predict applies the model's to raw files); null = the whole image.",
+    )
+    resize: int | None = Field(None, gt=0, description="Side in pixels prepare resizes every image to, after the crop; null = as is.")
     synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig, description="The synthetic source (data.source: synthetic).")
     folder: FolderConfig = Field(default_factory=FolderConfig, description="The folder source: cutouts plus a CSV catalog (data.source: folder).")
     galaxy10: Galaxy10Config = Field(default_factory=Galaxy10Config, description="Download of the real Galaxy10 DECals file (data.source: galaxy10).")
@@ -232,6 +235,10 @@ class TrainConfig(Section):
         1024, ge=0, description="Keep the resized validation images (uint8) in memory after the first pass when they fit "
         "in this many MiB, so later validation passes decode nothing; 0: decode every pass.",
     )
+    train_cache_mb: int = Field(
+        1024, ge=0, description="Keep the decoded training images (uint8, already resized when that is exact) in the loader "
+        "workers' memory after their first read, up to this many MiB in all, so later epochs decode nothing; 0: decode every epoch.",
+    )
     ema: bool = Field(False, description="Keep an exponential moving average of the weights; best.pt holds the average.")
     ema_decay: float = Field(0.9998, gt=0, lt=1, description="Decay of the weight average per update.")
     amp: Literal["none", "bf16", "fp16"] = Field("none", description="Mixed-precision autocast: none, bf16 or fp16 (GPUs).")
@@ -245,6 +252,13 @@ class TrainConfig(Section):
     seed: int = Field(0, description="Seed of initialisation, augmentation and batch order.")
     deterministic: bool = Field(False, description="Deterministic algorithms: --resume continues bit for bit on the CPU (slower).")
     early_stopping_patience: int = Field(0, ge=0, description="Epochs without val improvement; 0 = off.")
+    time_budget_s: float | None = Field(
+        None, gt=0, description="Wall-clock seconds of training plus validation; train.epochs becomes the cap, the epoch count "
+        "is planned from the measured epoch time and the schedule fitted to it (docs/training.md). null = train.epochs.",
+    )
+    class_balance: Literal["none", "sqrt", "inverse"] = Field(
+        "none", description="Class weights of the loss from the training counts: 1/sqrt(count), 1/count, or none (for macro-F1 on skewed data).",
+    )
     metric: Literal["top1", "macro_f1"] = Field("top1", description="Validation metric that picks the best checkpoint.")
     grad_clip: float | None = Field(None, gt=0, description="Clip the gradient norm to this value; null = off.")
     nproc_per_node: int = Field(1, gt=0, description="torchrun processes per node (flows).")
@@ -253,7 +267,7 @@ class TrainConfig(Section):
 
 
 class EvaluateConfig(Section):
-    tta: bool = Field(False, description="Average the 8 rotations/flips at test time.")
+    tta: bool = Field(False, description="Average the exact views of the model's training symmetry at test time (4 rotations, or 8 with flips).")
     batch_size: int = Field(128, gt=0, description="Images per inference batch (evaluate and calibrate).")
     workers: int = Field(2, ge=0, description="DataLoader processes decoding shards (evaluate and calibrate); 0 = in-process.")
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N (evaluate and calibrate).")
@@ -271,7 +285,7 @@ class PredictConfig(Section):
     batch_size: int = Field(128, gt=0, description="Images per inference batch.")
     chunk_size: int = Field(1024, gt=0, description="Images per atomically committed chunk.")
     workers: int = Field(2, ge=0, description="DataLoader processes decoding inputs; 0 = in-process.")
-    tta: bool = Field(False, description="Average the 8 rotations/flips (8x the compute).")
+    tta: bool = Field(False, description="Average the exact views of the model's training symmetry (4 or 8x the compute).")
     low_confidence: float = Field(0.5, gt=0, le=1, description="Max probability below which a row counts as low confidence.")
     backend: Literal["torch", "onnx"] = Field("torch", description="torch, or onnx (onnxruntime; exported on first use, often fastest on a CPU).")
     amp: Literal["none", "bf16", "fp16"] = Field("none", description="Mixed-precision autocast of the torch backend (GPUs).")
@@ -316,6 +330,39 @@ class ScheduleConfig(Section):
     )
 
 
+class CandidateConfig(Section):
+    params: str | None = Field(
+        None, description="Params file this candidate starts from (relative to the workdir; --set still applies); null: the compared params."
+    )
+    set: dict[str, Any] = Field(
+        default_factory=dict, description="Overrides on top, by dotted key like --set: {model.name: resnet18, train.lr: 0.001}."
+    )
+
+
+class CompareConfig(Section):
+    splits: int = Field(3, ge=1, description="Stratified splits per candidate: split.seed, split.seed + 1, ... (the protocol: >= 3).")
+    budget: Literal["epochs", "seconds"] = Field(
+        "epochs", description="Equal budget per run: the same train.epochs, or the same compare.seconds of training (train.time_budget_s)."
+    )
+    seconds: float = Field(600, gt=0, description="budget: seconds: training + validation seconds per run (train.epochs stays the cap).")
+    bootstrap: int = Field(2000, ge=100, description="Bootstrap replicates of each interval (resampled test galaxies).")
+    level: float = Field(0.95, gt=0, lt=1, description="Coverage of the percentile bootstrap intervals.")
+    seed: int = Field(0, description="Seed of the bootstrap resampling.")
+    baseline: str | None = Field(None, description="The candidate the others are differenced against (paired); null: the first.")
+    candidates: dict[str, CandidateConfig] = Field(
+        default_factory=lambda: {"astroformer": CandidateConfig(), "resnet18": CandidateConfig(set={"model.name": "resnet18"})},
+        min_length=1,
+        description="Name -> where its config comes from: a params file and/or dotted overrides.",
+    )
+    out: str = Field("compare", description="Directory of the tables, plot and compare.json (relative to the workdir).")
+
+    @model_validator(mode="after")
+    def _baseline_is_a_candidate(self) -> CompareConfig:
+        if self.baseline is not None and self.baseline not in self.candidates:
+            raise ValueError(f"baseline {self.baseline!r} is not one of the candidates {sorted(self.candidates)}")
+        return self
+
+
 class Config(Section):
     data: DataConfig = Field(default_factory=DataConfig, description="Where the images and labels come from (stage prepare).")
     validate_: ValidateConfig = Field(
@@ -331,6 +378,9 @@ class Config(Section):
     registry: RegistryConfig = Field(default_factory=RegistryConfig, description="The model registry and its promotion rule.")
     schedule: ScheduleConfig = Field(
         default_factory=ScheduleConfig, description="The nightly catalog: schedule, inbox, catalog and the artifact store."
+    )
+    compare: CompareConfig = Field(
+        default_factory=CompareConfig, description="astroflow compare: candidates over repeated splits at an equal budget."
     )
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)

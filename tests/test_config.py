@@ -43,8 +43,8 @@ def test_unknown_key_in_file(tmp_path):
 
 
 def test_overrides_parse_yaml_types_and_nest():
-    cfg = load_config(None, ["train.epochs=7", "data.folder.center_crop=200", "model.pretrained=true", "validate.image_shape=[8,8,3]"])
-    assert cfg.train.epochs == 7 and cfg.data.folder.center_crop == 200
+    cfg = load_config(None, ["train.epochs=7", "data.center_crop=0.5", "model.pretrained=true", "validate.image_shape=[8,8,3]"])
+    assert cfg.train.epochs == 7 and cfg.data.center_crop == 0.5
     assert cfg.model.pretrained is True and cfg.validate_.image_shape == [8, 8, 3]
 
 

@@ -156,7 +156,7 @@ def _folder_cfg(root: Path, *extra: str):
 
 def test_folder_source_crop_resize_and_labels(tmp_path):
     root = _folder(tmp_path)
-    cfg = _folder_cfg(root, "data.folder.center_crop=20", "data.folder.resize=16")
+    cfg = _folder_cfg(root, "data.center_crop=0.5", "data.resize=16")
     summary = prepare(cfg, tmp_path / "prep", progress=False)
     ds = PreparedDataset(tmp_path / "prep" / DATASET_FILE)
     assert summary["image_shape"] == [16, 16, 3] and len(ds) == 12

@@ -2,7 +2,7 @@
 
 DataLoader workers decode and preprocess batches (the model's own ``eval_batch_transform``); the main
 process scores them through :mod:`pipeline.score.trained_model` (torch, optionally autocast, or
-onnxruntime; optionally 8-view TTA), up to ``predict.streams`` batches at once; a chunk is committed
+onnxruntime; optionally TTA over the training symmetry), up to ``predict.streams`` batches at once; a chunk is committed
 atomically with its completion record as soon as its last batch is scored. Memory is bounded by the
 chunk and prefetch sizes, never by the input. The entry points (whole run, fan-out, finalising) are
 :mod:`pipeline.catalog.predict`.
@@ -23,13 +23,13 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from pipeline.catalog.inputs import InputReader, Record, check_image, plan_chunks
+from pipeline.catalog.inputs import InputReader, Record, check_image, plan_chunks, with_geometry
 from pipeline.catalog.parquet import ERROR_SCHEMA, Catalog, Run, prediction_schema, prob_columns
 from pipeline.config import PredictConfig
 from pipeline.data.transforms import eval_batch_transform
 from pipeline.errors import DataError
 from pipeline.runtime import compute_threads, resolve_device
-from pipeline.score.trained_model import Backend, OnnxBackend, TorchBackend, TrainedModel, probabilities
+from pipeline.score.trained_model import Backend, OnnxBackend, TorchBackend, TrainedModel, TTAGroup, probabilities
 from pipeline.progress import tqdm
 
 
@@ -125,9 +125,11 @@ def inference_streams(streams: int, threads: int, device: torch.device) -> int:
 
 
 def score_stream(
-    backend: Backend, batches: Iterable[_Decoded], streams: int, *, tta: bool, temperature: float, num_classes: int
+    backend: Backend, batches: Iterable[_Decoded], streams: int, *, tta: TTAGroup, temperature: float, num_classes: int
 ) -> Iterator[tuple[_Decoded, np.ndarray]]:
     """``(batch, probabilities)`` in input order, with up to ``streams`` batches scored at once in threads.
+
+    ``tta`` holds the views to average (:meth:`TrainedModel.tta_views`); empty: no test-time augmentation.
 
     onnxruntime and torch release the GIL while they compute, so the streams run in parallel.
     """
@@ -261,10 +263,10 @@ def classify_items(
 
     Same decoding, checks, preprocessing, scores and rows as :func:`run_chunks`; ``const["temperature"]`` is applied.
     """
-    decoder = _BatchDecoder(reader, model.img_size, model.input_range)
+    decoder = _BatchDecoder(with_geometry(reader, model.geometry), model.img_size, model.input_range)
     specs = [(0, b, items[i : i + batch_size]) for b, i in enumerate(range(0, len(items), batch_size))]
     n = len(model.class_names)
-    scored = score_stream(backend, map(decoder.__getitem__, specs), 1, tta=tta, temperature=const["temperature"], num_classes=n)
+    scored = score_stream(backend, map(decoder.__getitem__, specs), 1, tta=model.tta_views(tta), temperature=const["temperature"], num_classes=n)
     return scored_tables(((dec.records, p) for dec, p in scored), model.class_names, const)
 
 
@@ -373,7 +375,7 @@ def run_chunks(pc: PredictConfig, run: Run, s: RunSetup, chunk_size: int, select
     torch.set_num_threads(1 if pc.backend == "onnx" else stream_threads)
     try:
         num_classes = len(s.model.class_names)
-        for dec, probs in score_stream(backend, batches, streams, tta=pc.tta, temperature=s.temperature, num_classes=num_classes):
+        for dec, probs in score_stream(backend, batches, streams, tta=s.model.tta_views(pc.tta), temperature=s.temperature, num_classes=num_classes):
             chunks.add(dec, probs)
             bar.update(len(dec.records))
     finally:

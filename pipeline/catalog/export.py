@@ -38,7 +38,7 @@ FITS_KEYS = {
     "class_names": ("CLASSES", "class names in label order (JSON list)"),
     "model_id": ("MODEL_ID", "astroflow model id(s)"),
     "temperature": ("TEMPERAT", "calibration temperature(s) applied"),
-    "tta": ("TTA", "8-view test-time augmentation"),
+    "tta": ("TTA", "TTA over the model's training symmetry"),
     "code_version": ("CODEVER", "astroflow version (git commit)"),
     "run": ("RUN_ID", "prediction run id(s)"),
     "catalog": ("CATALOG", "what this table is"),

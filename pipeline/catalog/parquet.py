@@ -82,7 +82,7 @@ DESCRIPTIONS = {
     "max_prob": "Largest class probability",
     "entropy": "Entropy of the class probabilities, -sum p ln p, in nats",
     "model_id": "Model id: hash of the checkpoint file and its config",
-    "tta": "Whether the 8 rotations and flips were averaged",
+    "tta": "Whether test-time augmentation averaged the exact views of the model's training symmetry (4 rotations, or 8 with flips; the run's tta_views)",
     "temperature": "Calibration temperature T applied (probabilities are softmax(z / T)); 1 = uncalibrated",
     "run_ts": "Start of the prediction run (UTC)",
     PARTITION: "Prediction run id",

@@ -30,7 +30,7 @@ from pipeline.catalog.classify import COORDS_OUT_OF_RANGE, RunSetup, committed, 
 from pipeline.catalog.parquet import Catalog, Run
 from pipeline.config import Config, stable_hash
 from pipeline.errors import DataError
-from pipeline.catalog.inputs import InputReader, open_input
+from pipeline.catalog.inputs import InputReader, open_input, with_geometry
 from pipeline.io import atomic_write_json
 from pipeline.layout import StageRun
 from pipeline.score.calibrate import CALIBRATION_FILE
@@ -70,7 +70,7 @@ def _setup(
     temperature, cal_source = resolve_calibration(calibration, model, pc.tta)
     if cal_source.startswith("none"):
         note(notes, f"calibration: {cal_source}")
-    reader = open_input(input_path, pc.input_kind, shards_dir=shards_dir, pixels=cfg.data.folder.pixels)
+    reader = with_geometry(open_input(input_path, pc.input_kind, shards_dir=shards_dir, pixels=cfg.data.folder.pixels), model.geometry)
     identity = reader.identity
     run_id = make_run_id(model.model_id, identity, pc.tta, temperature)
     catalog = Catalog(out_root)
@@ -84,6 +84,7 @@ def _setup(
         "input_identity": identity,
         "chunk_size": pc.chunk_size,
         "tta": pc.tta,
+        "tta_views": model.num_views(pc.tta),
         "temperature": temperature,
         "calibration": cal_source,
     }
@@ -296,6 +297,7 @@ def _summary(run: Run, class_names: list[str], low_confidence: float, stats: dic
         "started_at": meta["started_at"],
         "input": meta["input"],
         "tta": meta["tta"],
+        "tta_views": meta.get("tta_views"),
         "temperature": meta["temperature"],
         "calibration": meta["calibration"],
         "num_chunks": len(records),

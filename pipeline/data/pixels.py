@@ -5,13 +5,18 @@
 pixels in training and in prediction, and a file the rule refuses is refused by both with the same
 one-line reason. The size cap is checked from the header (Pillow's lazy ``open``, the FITS ``NAXISn``
 keywords) before any pixel is decoded, so memory is bounded by configuration, not by the input.
+:class:`Geometry` is the centre crop and resize after the rule, the one of ``prepare`` (every source) and of
+predict's raw inputs (the model's).
 """
 
 from __future__ import annotations
 
 import contextlib
 import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from astropy.io import fits
@@ -192,3 +197,59 @@ def bands_to_rgb8(bands: list[np.ndarray], cfg: PixelsConfig) -> np.ndarray:
     high = high if high > low else low + 1  # a constant image: black, not a division by zero
     stretch = AsinhStretch(cfg.fits_asinh_a) if cfg.fits_stretch == "asinh" else LinearStretch()
     return make_rgb(*stack, interval=ManualInterval(low, high), stretch=stretch)
+
+
+# ------------------------------------------------------------------ crop and resize
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """``data.center_crop`` and ``data.resize``: the one crop and resize of ``prepare`` and of predict's raw inputs.
+
+    A model trained on cropped images must see the same crop when it classifies raw files, so ``prepare`` (every
+    source) and predict's image-file and HDF5 inputs both call :meth:`apply` with the training config's values.
+    """
+
+    center_crop: float | None = None
+    resize: int | None = None
+
+    @classmethod
+    def of(cls, data: Any) -> Geometry:
+        """The geometry of a ``DataConfig``."""
+        return cls(data.center_crop, data.resize)
+
+    def __bool__(self) -> bool:
+        return self.center_crop is not None or self.resize is not None
+
+    def crop_box(self, height: int, width: int) -> tuple[int, int, int]:
+        """(top, left, side) of the central square, ``center_crop`` of the shorter side (the whole image if None)."""
+        if self.center_crop is None:
+            return 0, 0, min(height, width)
+        side = max(1, round(self.center_crop * min(height, width)))
+        return (height - side) // 2, (width - side) // 2, side
+
+    def shape(self, shape: Sequence[int]) -> tuple[int, int, int]:
+        """The (H, W, C) that :meth:`apply` makes of an image of ``shape``."""
+        height, width, channels = (int(s) for s in shape)
+        if self.resize is not None:
+            return self.resize, self.resize, channels
+        if self.center_crop is None:
+            return height, width, channels
+        side = self.crop_box(height, width)[2]
+        return side, side, channels
+
+    def apply(self, image: np.ndarray) -> np.ndarray:
+        """HWC uint8 -> its central square (``center_crop``), then ``resize`` square (Lanczos); unchanged if both are None."""
+        if self.center_crop is not None:
+            top, left, side = self.crop_box(*image.shape[:2])
+            image = image[top : top + side, left : left + side]
+        if self.resize is not None and image.shape[:2] != (self.resize, self.resize):
+            with Image.fromarray(np.ascontiguousarray(image)) as im:
+                image = np.asarray(im.resize((self.resize, self.resize), Image.Resampling.LANCZOS))
+        return np.ascontiguousarray(image)
+
+    def apply_batch(self, images: np.ndarray) -> np.ndarray:
+        """:meth:`apply` on each image of an NHWC batch (the same call, so every source gets the same pixels)."""
+        if not self:
+            return images
+        return np.stack([self.apply(image) for image in images]) if len(images) else images

@@ -99,11 +99,23 @@ def eval_batch_transform(img_size: int, input_range: str) -> Callable[[Sequence[
     return apply
 
 
-def d4_views(x: torch.Tensor) -> list[torch.Tensor]:
-    """The 8 exact rotations/flips of an NCHW batch (test-time augmentation)."""
+def tta_group(rotation: str, hflip: bool) -> tuple[tuple[bool, int], ...]:
+    """The (flip, quarter turns) pairs of the symmetry training taught the model (``train.rotation``, ``train.hflip``).
+
+    Test-time augmentation averages exactly these views: ``rot90`` without ``hflip`` gives the 4 rotations (a mirror
+    turns a clockwise spiral into an anticlockwise one); ``d4``, or any rotation with ``hflip``, the 8 of D4;
+    ``none`` with ``hflip`` the image and its mirror; ``none`` alone only the image (TTA is then a no-op).
+    """
+    turns = (0,) if rotation == "none" else (0, 1, 2, 3)
+    flips = (False, True) if hflip or rotation == "d4" else (False,)
+    return tuple((flip, k) for flip in flips for k in turns)
+
+
+def tta_views(x: torch.Tensor, group: Sequence[tuple[bool, int]]) -> list[torch.Tensor]:
+    """The views of an NCHW batch under ``group`` (:func:`tta_group`): mirror if asked, then quarter turns."""
     views = []
-    for flip in (False, True):
+    for flip, k in group:
         base = torch.flip(x, dims=(-1,)) if flip else x
-        for k in range(4):
-            views.append(torch.rot90(base, k, dims=(-2, -1)))
+        views.append(torch.rot90(base, k, dims=(-2, -1)))
     return views
+

@@ -24,6 +24,7 @@ from pipeline.config import Config
 from pipeline.errors import ConfigError, DataError, ValidationFailed
 from pipeline.io import atomic_write_json, atomic_write_text
 from pipeline.layout import StageRun
+from pipeline.data.pixels import Geometry
 from pipeline.data.prepare import PreparedDataset
 from pipeline.data.scan import scan
 
@@ -63,7 +64,7 @@ def declared_shape(cfg: Config) -> tuple[int | None, int | None, int]:
         return int(shape[0]), int(shape[1]), int(shape[2])
     if cfg.data.source == "synthetic":
         size = cfg.data.synthetic.image_size
-        return size, size, 3
+        return Geometry.of(cfg.data).shape((size, size, 3))
     return None, None, 3
 
 

@@ -33,6 +33,7 @@ def calibrate(cfg: Config, shards_dir: Path, checkpoint: Path, out_path: Path, *
         "split": SPLIT,
         "model_id": model.model_id,
         "tta": cfg.evaluate.tta,
+        "tta_views": model.num_views(cfg.evaluate.tta),
         "bins": cfg.calibrate.bins,
     }
     preds = score_split(cfg, model, shards_dir, SPLIT, progress=progress)

@@ -6,7 +6,10 @@ contract. ``calibrate``, ``evaluate``, ``predict``, ``export`` and the registry'
 through it, so they cannot disagree on any of these rules:
 
 - **Scores** (:func:`scores`): the logits, or with test-time augmentation the log of the mean probability
-  over the 8 exact rotations/flips of :func:`~pipeline.data.transforms.d4_views`.
+  over the exact views of the symmetry the model was trained with (:meth:`TrainedModel.tta_views`:
+  4 rotations for ``train.rotation: rot90`` without ``hflip``, the 8 rotations/flips for ``d4`` or with ``hflip``).
+- **Raw inputs** (:attr:`TrainedModel.geometry`): image files and HDF5 cutouts get the training config's
+  ``data.center_crop`` and ``data.resize`` before the model's own resize, as ``prepare`` gave its training images.
 - **Temperature**: probabilities are ``softmax(scores / T)`` (:func:`pipeline.score.metrics.softmax`), the
   function ``calibrate`` fits ``T`` for.
 - **Calibration contract** (:meth:`TrainedModel.temperature`): a calibration file must name this model's id
@@ -17,7 +20,9 @@ through it, so they cannot disagree on any of these rules:
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
+from collections.abc import Sequence
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -26,13 +31,27 @@ import numpy as np
 import torch
 
 from pipeline.config import Config
-from pipeline.data.transforms import d4_views
+from pipeline.data.pixels import Geometry
+from pipeline.data.transforms import tta_group, tta_views
 from pipeline.errors import CheckpointError, ConfigError, DataError
 from pipeline.io import read_json
 from pipeline.learn.checkpoint import build_model, checkpoint_config, read_checkpoint
 from pipeline.score import metrics as M
 
 _AMP = {"bf16": torch.bfloat16, "fp16": torch.float16}
+LEGACY_PIXEL_GEOMETRY = ("center_crop", "resize")  # data.folder's pixel crop/resize, replaced by data.center_crop/resize
+log = logging.getLogger(__name__)
+TTAGroup = Sequence[tuple[bool, int]]
+
+
+def _current_config(raw: dict[str, Any]) -> dict[str, Any]:
+    """A stored config without ``data.folder.center_crop``/``resize``: checkpoints from before ``data.center_crop``
+    still load, with no crop on raw inputs (what predict gave them then)."""
+    folder = raw.get("data", {}).get("folder") if isinstance(raw.get("data"), dict) else None
+    if not isinstance(folder, dict) or not any(k in folder for k in LEGACY_PIXEL_GEOMETRY):
+        return raw
+    folder = {k: v for k, v in folder.items() if k not in LEGACY_PIXEL_GEOMETRY}
+    return {**raw, "data": {**raw["data"], "folder": folder}}
 
 
 class TrainedModel:
@@ -44,7 +63,7 @@ class TrainedModel:
         self.model_name = str(payload["model_name"])
         self.class_names = list(payload["class_names"])
         self.img_size = int(payload["img_size"])
-        self.config: Config = checkpoint_config(payload, path)
+        self.config: Config = checkpoint_config({**payload, "config": _current_config(payload["config"])}, path)
         self._payload = payload
 
     @classmethod
@@ -57,6 +76,29 @@ class TrainedModel:
     def input_range(self) -> str:
         """The input normalisation the network was trained on: scoring must use the same."""
         return self.config.train.input_range
+
+    @property
+    def geometry(self) -> Geometry:
+        """The crop and resize ``prepare`` gave the training images: predict applies them to raw inputs."""
+        return Geometry.of(self.config.data)
+
+    @property
+    def symmetry(self) -> TTAGroup:
+        """The exact views training's augmentation made equivalent (``train.rotation``, ``train.hflip``)."""
+        return tta_group(self.config.train.rotation, self.config.train.hflip)
+
+    def num_views(self, tta: bool) -> int:
+        """How many views a score averages (1 without TTA): recorded next to the ``tta`` flag."""
+        return len(self.symmetry) if tta else 1
+
+    def tta_views(self, tta: bool) -> TTAGroup:
+        """The views test-time augmentation averages: the training symmetry, or none without TTA."""
+        if not tta:
+            return ()
+        group = self.symmetry
+        if len(group) == 1:
+            log.warning("TTA is a no-op for model %s: it was trained with train.rotation=none and hflip=false", self.model_id)
+        return group
 
     @cached_property
     def network(self) -> torch.nn.Module:
@@ -132,18 +174,19 @@ class OnnxBackend:
 Backend = TorchBackend | OnnxBackend
 
 
-def scores(backend: Backend, x: torch.Tensor, *, tta: bool) -> torch.Tensor:
-    """Float32 scores of a preprocessed batch: logits, or with TTA the log mean probability over the 8 views.
+def scores(backend: Backend, x: torch.Tensor, *, tta: TTAGroup) -> torch.Tensor:
+    """Float32 scores of a preprocessed batch: logits, or with TTA the log mean probability over the views ``tta``
+    (:meth:`TrainedModel.tta_views`; empty: no TTA).
 
     These are what a temperature divides: ``calibrate`` fits it on them and every consumer applies it to them.
     """
     x = backend.to_device(x)
     if not tta:
         return backend.logits(x)
-    views = torch.stack([backend.logits(v).log_softmax(dim=1) for v in d4_views(x)])
+    views = torch.stack([backend.logits(v).log_softmax(dim=1) for v in tta_views(x, tta)])
     return torch.logsumexp(views, dim=0) - math.log(len(views))
 
 
-def probabilities(backend: Backend, x: torch.Tensor, *, tta: bool, temperature: float) -> np.ndarray:
+def probabilities(backend: Backend, x: torch.Tensor, *, tta: TTAGroup, temperature: float) -> np.ndarray:
     """Calibrated class probabilities (float64) of a preprocessed batch: ``softmax(scores / T)``."""
     return M.softmax(scores(backend, x, tta=tta).cpu(), temperature)

@@ -16,13 +16,18 @@ Identity (what makes a re-run a no-op):
 * ``folder``: resolved path plus the relative path, size and mtime of every image (or of its CSV) (:mod:`.files`);
 * ``zoobot``: resolved path, size and mtime of the catalog file (:mod:`.files`);
 * both image-file inputs add the pixel rule's settings (``data.folder.pixels``).
+
+Raw inputs (``h5`` other than a prepared dataset, ``folder``, ``zoobot``) take the model's ``data.center_crop`` and
+``data.resize`` (``geometry``), as ``prepare`` gave its training images; shards were prepared with them already.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.catalog.inputs.base import Chunk, ChunkPlan, InputKind, InputReader, check_image, iter_chunks, plan_chunks
+from pipeline.catalog.inputs.base import (
+    Chunk, ChunkPlan, InputKind, InputReader, check_image, iter_chunks, plan_chunks, with_geometry,
+)
 from pipeline.catalog.inputs.files import FolderInput, TableInput
 from pipeline.catalog.inputs.h5 import H5Input
 from pipeline.catalog.inputs.shards import ShardsInput
@@ -33,7 +38,7 @@ from pipeline.errors import DataError
 
 __all__ = [
     "Chunk", "ChunkPlan", "FolderInput", "H5Input", "InputKind", "InputReader", "Record", "ShardsInput", "TableInput",
-    "check_image", "detect_kind", "iter_chunks", "open_input", "plan_chunks",
+    "check_image", "detect_kind", "iter_chunks", "open_input", "plan_chunks", "with_geometry",
 ]
 
 H5_SUFFIXES = (".h5", ".hdf5", ".hdf")

@@ -17,7 +17,8 @@ from typing import Any, Literal
 import numpy as np
 
 from pipeline.config import stable_hash
-from pipeline.data.record import Record
+from pipeline.data.pixels import Geometry
+from pipeline.data.record import Record, error_text
 
 InputKind = Literal["h5", "shards", "folder", "zoobot"]
 
@@ -50,6 +51,10 @@ class InputReader:
 
     kind: InputKind
     path: Path
+    #: The model's ``data.center_crop``/``data.resize``, applied to every image read (:func:`with_geometry`).
+    geometry: Geometry = Geometry()
+    #: Images written by ``prepare`` (shards, a prepared dataset file): they already have the crop and resize.
+    prepared: bool = False
 
     @property
     def identity(self) -> dict[str, Any]:
@@ -67,13 +72,21 @@ class InputReader:
         raise NotImplementedError
 
     def load(self, items: Sequence[Any]) -> list[Record]:
-        """One :class:`Record` per item, in order; never raises for a bad item."""
+        """One :class:`Record` per item, in order, its image under :attr:`geometry`; never raises for a bad item."""
         out: list[Record | None] = [replace(it) if isinstance(it, Record) else None for it in items]
         good = [i for i, rec in enumerate(out) if rec is None]
         if good:
             for i, rec in zip(good, self._load([items[i] for i in good])):
-                out[i] = rec
+                out[i] = self._crop(rec) if self.geometry else rec
         return out  # type: ignore[return-value]
+
+    def _crop(self, rec: Record) -> Record:
+        if rec.image is not None and rec.error is None:
+            try:
+                rec.image = self.geometry.apply(rec.image)
+            except Exception as exc:  # an image the crop cannot take is that row's problem only
+                rec.image, rec.error = None, f"data.center_crop/resize failed: {error_text(exc)}"
+        return rec
 
     def close(self) -> None:
         """Release file handles opened by ``load`` in this process."""
@@ -140,3 +153,10 @@ def iter_chunks(reader: InputReader, chunk_size: int, *, done: Container[int] = 
             yield Chunk(plan.index, plan.chunk_id, records)
     finally:
         reader.close()
+
+
+def with_geometry(reader: InputReader, geometry: Geometry) -> InputReader:
+    """``reader`` with a model's crop and resize when its images are raw: the training images got them in ``prepare``."""
+    if not reader.prepared:
+        reader.geometry = geometry
+    return reader

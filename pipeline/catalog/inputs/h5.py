@@ -36,6 +36,7 @@ class H5Input(InputReader):
             raise DataError(f"{self.path}: field 'images' must be (N, H, W, 3) with H == W, got {(self.file.num_rows, *self.file.image_shape)}")
         with self.file.open() as f:
             self.columns = self.file.columns(f, ("id", "ra", "dec"), strict=False)
+            self.prepared = "data_hash" in f.attrs  # written by ``prepare``, which keeps a content hash
 
     @property
     def identity(self) -> dict[str, Any]:

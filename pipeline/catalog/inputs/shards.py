@@ -22,6 +22,7 @@ class ShardsInput(InputReader):
     """
 
     kind: InputKind = "shards"
+    prepared = True
 
     def __init__(self, path: Path, splits: Sequence[str] | None = None) -> None:
         self.path = Path(path)

@@ -16,31 +16,21 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import UnidentifiedImageError
 
 from pipeline.config import FolderConfig, PixelsConfig
-from pipeline.data.pixels import PixelError, fits_band_paths, is_fits, read_cutout
+from pipeline.data.pixels import Geometry, PixelError, fits_band_paths, is_fits, read_cutout
 from pipeline.data.record import RecordBatch
 from pipeline.errors import DataError
 
 
-def load_image(
-    path: Path, *, center_crop: int | None = None, resize: int | None = None, pixels: PixelsConfig | None = None
-) -> np.ndarray:
-    """RGB uint8 HWC array under the pixel rule, centre-cropped then resized; errors name the file."""
+def load_image(path: Path, *, geometry: Geometry = Geometry(), pixels: PixelsConfig | None = None) -> np.ndarray:
+    """RGB uint8 HWC array under the pixel rule, then ``data.center_crop``/``data.resize``; errors name the file.
+
+    The geometry is applied per file, before images of different sizes are stacked into a chunk.
+    """
     try:
-        with Image.fromarray(read_cutout(path, pixels or PixelsConfig())) as im:
-            if center_crop is not None:
-                w, h = im.size
-                if center_crop > min(w, h):
-                    raise DataError(f"{path}: data.folder.center_crop={center_crop} is larger than the image ({w}x{h})")
-                left, top = (w - center_crop) // 2, (h - center_crop) // 2
-                im = im.crop((left, top, left + center_crop, top + center_crop))
-            if resize is not None and im.size != (resize, resize):
-                im = im.resize((resize, resize), Image.Resampling.LANCZOS)
-            return np.asarray(im)
-    except DataError:
-        raise
+        return geometry.apply(read_cutout(path, pixels or PixelsConfig()))
     except PixelError as exc:
         raise DataError(f"{path}: {exc} (data.folder.pixels, docs/pixels.md)") from None
     except (UnidentifiedImageError, OSError, ValueError, KeyError) as exc:
@@ -52,9 +42,10 @@ def _max_examples(items: list[str], k: int = 5) -> str:
 
 
 class FolderSource:
-    def __init__(self, root: str | Path, cfg: FolderConfig, *, class_names: Sequence[str]) -> None:
+    def __init__(self, root: str | Path, cfg: FolderConfig, *, class_names: Sequence[str], geometry: Geometry = Geometry()) -> None:
         self.root = Path(root)
         self.cfg = cfg
+        self.geometry = geometry
         self.class_names = list(class_names)
         if not self.root.is_dir():
             raise DataError(f"{self.root}: data.path must be a directory of images for data.source=folder")
@@ -123,7 +114,7 @@ class FolderSource:
         return None
 
     def _load(self, path: Path) -> np.ndarray:
-        return load_image(path, center_crop=self.cfg.center_crop, resize=self.cfg.resize, pixels=self.cfg.pixels)
+        return load_image(path, geometry=self.geometry, pixels=self.cfg.pixels)
 
     def _probe_shape(self) -> tuple[int, int, int]:
         first = self._load(self.paths[0])
@@ -146,8 +137,8 @@ class FolderSource:
             "path": str(self.root.resolve()),
             "catalog": str(self.catalog.resolve()),
             "num_images": len(self),
-            "center_crop": self.cfg.center_crop,
-            "resize": self.cfg.resize,
+            "center_crop": self.geometry.center_crop,
+            "resize": self.geometry.resize,
         }
 
     def iter_batches(self, chunk_size: int) -> Iterator[RecordBatch]:
@@ -159,7 +150,7 @@ class FolderSource:
                     if img.shape != self._shape:
                         raise DataError(
                             f"{path}: image is {img.shape[1]}x{img.shape[0]} but the first image is "
-                            f"{self._shape[1]}x{self._shape[0]}; set data.folder.resize to make them equal"
+                            f"{self._shape[1]}x{self._shape[0]}; set data.resize to make them equal"
                         )
                 yield RecordBatch(
                     images=np.stack(images),

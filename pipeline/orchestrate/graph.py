@@ -121,12 +121,13 @@ STAGES: tuple[Stage, ...] = (
     ),
     Stage(
         "evaluate",
-        "test-split metrics, confusion matrix and report",
+        "test-split metrics, confusion matrix, report and model card",
         "pipeline.score.evaluate",
         params=("evaluate", "calibrate.bins"),
         upstream={"shard": (), "train": ("best.pt",), "calibrate": ()},
         outs=(
             *(Out(f) for f in ("metrics.json", "report.md", "confusion.png", "confusion.csv", "confusion_plot.csv", "predictions.csv")),
+            *(Out(f) for f in ("model_card.md", "model_card.json")),
             Out("/metrics/eval.json", cache=False),
         ),
         metrics=("headline.json",),

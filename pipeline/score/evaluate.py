@@ -30,6 +30,7 @@ from pipeline.io import atomic_dir, atomic_write_json
 from pipeline.data.reader import StreamSpec, make_loader
 from pipeline.data.shards import load_manifest, shard_urls
 from pipeline.data.transforms import eval_transform
+from pipeline.score.card import build_card, write_card
 from pipeline.score.trained_model import TorchBackend, TrainedModel, scores
 from pipeline.progress import tqdm
 
@@ -85,12 +86,13 @@ def predict_split(
     # no more workers than shards: worker w reads shards w, w + workers, ... whole (pipeline.data.reader)
     loader = make_loader(StreamSpec(urls=tuple(urls), batch_size=batch_size), transform, min(workers, len(urls)), device.type == "cuda")
     logits, labels, ids, rows = [], [], [], []
+    views = model.tta_views(tta)
     bar = tqdm(total=expected, desc=f"evaluate {split}", unit="img", disable=not progress, dynamic_ncols=True)
     start = time.perf_counter()
     try:
         with torch.inference_mode():
             for x, y, batch_ids, batch_rows in loader:
-                logits.append(scores(backend, x, tta=tta).cpu().numpy())
+                logits.append(scores(backend, x, tta=views).cpu().numpy())
                 labels.append(y.numpy())
                 ids.extend(batch_ids)
                 rows.extend(batch_rows)
@@ -148,7 +150,7 @@ def evaluate(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Score the ``test`` split and write metrics.json, headline.json, confusion.{png,csv}, confusion_plot.csv,
-    predictions.csv and report.md.
+    predictions.csv, report.md and the model card (model_card.{md,json}, :mod:`pipeline.score.card`).
 
     ``out_dir`` belongs to this stage: it is built under a temporary name and swapped in whole, so it
     either holds a complete evaluation or the previous one.
@@ -165,6 +167,7 @@ def evaluate(
         "split": "test",
         "model_id": model.model_id,
         "tta": cfg.evaluate.tta,
+        "tta_views": model.num_views(cfg.evaluate.tta),
         **summary,
     }
     if temperature is not None:
@@ -186,6 +189,7 @@ def evaluate(
         (tmp / "predictions.csv").write_text(_predictions_csv(preds, preds_pred, temperature))
         plot_confusion(cm, names, tmp / CONFUSION_PNG, title=_plot_title(result, model))
         (tmp / "report.md").write_text(render_report(result, model, CONFUSION_PNG))
+        write_card(tmp, build_card(model, shards_dir, result, preds.labels, preds.logits, bins=cfg.calibrate.bins))
     if metrics_path is not None:
         atomic_write_json(metrics_path, result)
     return result
@@ -289,7 +293,7 @@ def render_report(result: dict[str, Any], model: TrainedModel, confusion_png: st
         "",
         f"Model `{result['model_id']}` ({model.model_name}, {model.img_size} px, input range "
         f"`{model.input_range}`) on the **{result['split']}** split: {result['num_samples']} images, "
-        f"test-time augmentation {'on (8 rotations/flips)' if result['tta'] else 'off'}.",
+        f"test-time augmentation {'on (' + str(result.get('tta_views')) + ' views: the training symmetry)' if result['tta'] else 'off'}.",
         "",
         "## Summary",
         "",

@@ -3,7 +3,7 @@
 Layout under ``registry.root``::
 
     candidates/<model_id>/   model.pt, calibration.json, metrics.json, lineage.json, split.parquet
-                             (+ report.md, confusion.png)
+                             (+ report.md, confusion.png, and the model card model_card.{md,json})
     production -> candidates/<model_id>    a symlink, swapped atomically by ``promote`` and ``rollback``
     history.jsonl            one line per promotion decision (promoted or not) and per rollback
     .lock                    serialises register, compare-and-promote and rollback between processes
@@ -37,6 +37,7 @@ from pipeline.config import Config
 from pipeline.errors import AstroflowError
 from pipeline.io import atomic_dir, read_json
 from pipeline.score.calibrate import CALIBRATION_FILE
+from pipeline.score.card import CARD_FILES, CARD_JSON, CARD_MD
 from pipeline.score.promotion import STORED, Decision, Rule, decide, finite, majority_baseline
 from pipeline.score.trained_model import TrainedModel
 
@@ -47,7 +48,7 @@ MODEL_FILE = "model.pt"
 METRICS_FILE = "metrics.json"
 LINEAGE_FILE = "lineage.json"
 SPLIT_FILE = "split.parquet"
-EVAL_FILES = ("report.md", "confusion.png")
+EVAL_FILES = ("report.md", "confusion.png", *CARD_FILES)
 HEADLINE_METRICS = ("top1", "macro_f1", "balanced_accuracy", "ece", "nll")
 
 
@@ -238,6 +239,7 @@ def list_models(root: Path) -> list[dict[str, Any]]:
                 "data_hash": lineage.get("data_hash"),
                 **{k: metrics.get(k) for k in ("top1", "macro_f1", "balanced_accuracy")},
                 "production": lineage["model_id"] == prod,
+                "card": (lineage_path.parent / CARD_MD).is_file(),
             }
         )
     return sorted(rows, key=lambda r: str(r["registered_at"]))
@@ -252,7 +254,7 @@ def latest_id(root: Path) -> str:
 
 
 def show(root: Path, model_id: str | None = None) -> dict[str, Any]:
-    """Lineage, headline metrics and promotion history of one model (default: production)."""
+    """Lineage, headline metrics, model card and promotion history of one model (default: production)."""
     root = Path(root)
     if model_id is None:
         model_id = production_id(root)
@@ -263,14 +265,27 @@ def show(root: Path, model_id: str | None = None) -> dict[str, Any]:
         "model_id": model_id,
         "production": model_id == production_id(root),
         "metrics": {k: metrics.get(k) for k in HEADLINE_METRICS},
+        "card": _card(candidate_dir(root, model_id)),
         "lineage": lineage,
         "history": [h for h in history(root) if model_id in (h.get("candidate_id"), h.get("production_id"))],
     }
 
 
+def _card(directory: Path) -> dict[str, Any] | None:
+    """The model card's path, its metrics with intervals and its weak classes; None for a model registered without one."""
+    if not (directory / CARD_JSON).is_file():
+        return None
+    card = read_json(directory / CARD_JSON)
+    return {
+        "path": str(directory / CARD_MD),
+        "metrics": card["evaluation"]["metrics"],
+        "weak_classes": [w["class"] for w in card["weak_classes"]],
+    }
+
+
 def format_models(rows: Sequence[Mapping[str, Any]]) -> str:
-    """``list_models`` rows as an aligned text table; ``*`` marks production."""
-    header = ("", "model_id", "registered_at", "source", "top1", "macro_f1", "bal_acc")
+    """``list_models`` rows as an aligned text table; ``*`` marks production, ``card`` whether it has a model card."""
+    header = ("", "model_id", "registered_at", "source", "top1", "macro_f1", "bal_acc", "card")
     body = [
         (
             "*" if r["production"] else "",
@@ -278,6 +293,7 @@ def format_models(rows: Sequence[Mapping[str, Any]]) -> str:
             str(r["registered_at"] or "")[:19],
             str(r["source"] or ""),
             *(f"{v:.4f}" if finite(v) is not None else "n/a" for v in (r["top1"], r["macro_f1"], r["balanced_accuracy"])),
+            "yes" if r["card"] else "no",
         )
         for r in rows
     ]

@@ -341,6 +341,24 @@ def _compact(root: Path, layout: Layout) -> dict[str, Any]:
     return result
 
 
+def cmd_compare(cfg: Config, layout: Layout, args: argparse.Namespace) -> dict[str, Any]:
+    """Candidates over repeated splits at an equal budget; prints the table, which records how to reproduce it."""
+    import logging
+    import shlex
+
+    from pipeline.score.compare import compare
+
+    if not args.quiet:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    params = ["--params", str(args.params)] if args.params else []
+    sets = [x for o in args.overrides for x in ("--set", o)]
+    command = shlex.join(["astroflow", "compare", *params, *sets, "--workdir", str(args.workdir)])
+    result = compare(cfg, layout, overrides=args.overrides, force=args.force, command=command)
+    print(result["markdown"] + ("\n" + result["paired_markdown"] if result["paired_markdown"] else ""))
+    _say(f"wrote {result['out']}")
+    return result
+
+
 def cmd_serve(cfg: Config, layout: Layout, args: argparse.Namespace) -> dict[str, Any]:
     from flows.serve import serve
 
@@ -379,6 +397,11 @@ EXAMPLES: dict[str, tuple[str, ...]] = {
         "astroflow params --params configs/astroformer_galaxy10.yaml --set train.epochs=10",
     ),
     "dvc-yaml": ("astroflow dvc-yaml", "astroflow dvc-yaml --check", "astroflow dvc-yaml --mermaid"),
+    "compare": (
+        "astroflow compare",
+        "astroflow compare --force --set compare.budget=seconds --set compare.seconds=1800",
+        "astroflow compare --set compare.splits=5 --set train.epochs=40",
+    ),
     "serve": ("astroflow serve", "PREFECT_API_URL=http://127.0.0.1:4200/api astroflow serve --params params.yaml"),
     "nightly": ("astroflow nightly", "astroflow nightly --inbox /data/inbox --catalog /data/catalog", "astroflow nightly --dask local:2"),
     "registry": ("astroflow registry list", "astroflow registry promote --reason 'better macro-F1'"),
@@ -436,11 +459,13 @@ def build_parser() -> argparse.ArgumentParser:
         "dvc-yaml": "write dvc.yaml from the stage graph (--check: fail if it differs)",
         "serve": "serve the Prefect deployments (retrain, nightly-catalog)",
         "nightly": "classify new inbox inputs with the production model into the nightly catalog (no Prefect)",
+        "compare": "candidates (compare.candidates) over repeated splits at an equal budget: tables with bootstrap intervals",
     }
     subs = _subcommands(sub, helps)
     subs["train"].add_argument("--resume", action="store_true", help="continue from last.pt (in data/train, or in OUT with --out)")
     for name in ("train", "run"):
         subs[name].add_argument("--force", action="store_true", help="replace a training run already in data/train")
+    subs["compare"].add_argument("--force", action="store_true", help="replace a finished table in compare.out (finished runs are reused)")
     subs["run"].add_argument("--resume", action="store_true", help="continue the training run in data/train")
     subs["train"].add_argument("--out", type=Path, default=None, help="train in this process into OUT, outside the store, without launching torchrun (what torchrun starts on each rank)")
     subs["train"].add_argument("--shards", type=Path, default=None, help="with --out: the shard directory (default: data/shards under --workdir)")
@@ -451,7 +476,7 @@ def build_parser() -> argparse.ArgumentParser:
     subs["predict"].add_argument("--calibration", type=Path, default=None, help="temperature JSON (default: data/calibration/calibration.json if present)")
     subs["predict"].add_argument("--output", type=Path, default=None, help="catalog root (default: schedule.catalog; the DVC stage's data/catalog is written only without arguments)")
     subs["predict"].add_argument("--backend", choices=["torch", "onnx"], default=None)
-    subs["predict"].add_argument("--tta", action="store_true", help="average the 8 rotations/flips")
+    subs["predict"].add_argument("--tta", action="store_true", help="average the views of the model's training symmetry (4 rotations, or 8 with flips)")
     subs["params"].add_argument("--explain", action="store_true", help="each key with its description, as YAML comments")
     subs["dvc-yaml"].add_argument("--check", action="store_true", help="exit 1 when dvc.yaml differs from the graph")
     subs["dvc-yaml"].add_argument("--mermaid", action="store_true", help="print the stage graph as a Mermaid diagram instead")
@@ -503,6 +528,7 @@ COMMANDS: dict[str, Callable[[Config, Layout, argparse.Namespace], dict[str, Any
     "params": cmd_params,
     "dvc-yaml": cmd_dvc_yaml,
     "serve": cmd_serve,
+    "compare": cmd_compare,
     "nightly": cmd_nightly,
     "registry": cmd_registry,
     "catalog": cmd_catalog,

@@ -90,10 +90,15 @@ def barrier() -> None:
         dist.barrier()
 
 
-def broadcast_flag(value: bool, device: torch.device, src: int = 0) -> bool:
-    """Rank ``src``'s boolean on every rank (e.g. the early-stopping decision)."""
+def broadcast_int(value: int, device: torch.device, src: int = 0) -> int:
+    """Rank ``src``'s integer on every rank (a decision all ranks must share: early stopping, the planned epochs)."""
     if not is_distributed():
         return value
     t = torch.tensor([int(value)], device=device)
     dist.broadcast(t, src)
-    return bool(t.item())
+    return int(t.item())
+
+
+def broadcast_flag(value: bool, device: torch.device, src: int = 0) -> bool:
+    """Rank ``src``'s boolean on every rank (e.g. the early-stopping decision)."""
+    return bool(broadcast_int(int(value), device, src))

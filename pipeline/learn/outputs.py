@@ -130,6 +130,7 @@ def summary(state: dict[str, Any], cfg: Config, params: int, world_size: int) ->
         "best": None if best is None else {k: best[k] for k in ("val_loss", "val_top1", "val_macro_f1")},
         "final": history[-1] if history else None,
         "epochs_run": len(history),
+        "planned_epochs": state.get("planned_epochs"),
         "stopped_early": state["stopped_early"],
         "wall_time_s": round(state["wall_time_s"], 2),
         "images_per_s": round(sum(speeds) / len(speeds), 2) if speeds else None,

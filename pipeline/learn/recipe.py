@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
@@ -78,8 +80,9 @@ def repeated_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
     return [b for b in found if not any(id(m) in ids for m in b.modules() if m is not b)]
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Config, updates_per_epoch: int) -> Any:
-    """timm scheduler from ``cfg.train``; 'exponential' decays by ``decay_rate`` every ``decay_steps`` updates, smoothly."""
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Config, updates_per_epoch: int, epochs: int | None = None) -> Any:
+    """timm scheduler from ``cfg.train`` over ``epochs`` (default ``train.epochs``; a time budget plans fewer);
+    'exponential' decays by ``decay_rate`` every ``decay_steps`` updates, smoothly."""
     t = cfg.train
     if t.sched == "exponential":
         decay_steps = t.decay_steps or updates_per_epoch
@@ -94,7 +97,7 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Config, updates_per_e
     scheduler, _ = create_scheduler_v2(
         optimizer,
         sched=t.sched,
-        num_epochs=t.epochs,
+        num_epochs=epochs or t.epochs,
         decay_rate=t.decay_rate,
         min_lr=t.min_lr,
         warmup_lr=t.warmup_lr,
@@ -123,13 +126,39 @@ def build_train_model(cfg: Config, num_classes: int) -> torch.nn.Module:
         return create_model(m.name, num_classes=num_classes, img_size=m.img_size, drop_path_rate=m.drop_path_rate, **kwargs)
 
 
-def loss_and_mixup(t: TrainConfig, num_classes: int) -> tuple[torch.nn.Module, Mixup | None]:
-    """Soft-target loss with timm's Mixup when mixing, else label smoothing or plain cross-entropy."""
+def class_weights(t: TrainConfig, counts: Sequence[int]) -> torch.Tensor | None:
+    """Loss weights 1/count**p (p: 1/2 for 'sqrt', 1 for 'inverse'), scaled so the average training image weighs 1:
+    the loss keeps its scale, so the learning rate means the same with and without balancing."""
+    if t.class_balance == "none":
+        return None
+    n = torch.tensor([max(int(c), 1) for c in counts], dtype=torch.float64)
+    w = n ** -(0.5 if t.class_balance == "sqrt" else 1.0)
+    return (w * n.sum() / (w * n).sum()).float()
+
+
+class WeightedSoftTargetCrossEntropy(torch.nn.Module):
+    """timm's SoftTargetCrossEntropy with per-class weights on the (mixed, smoothed) targets: timm has no weighted one."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("weight", weight)
+
+    def forward(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return torch.sum(-target * self.weight * F.log_softmax(x, dim=-1), dim=-1).mean()
+
+
+def loss_and_mixup(
+    t: TrainConfig, num_classes: int, weight: torch.Tensor | None = None
+) -> tuple[torch.nn.Module, Mixup | None]:
+    """Soft-target loss with timm's Mixup when mixing, else label smoothing or plain cross-entropy; class-weighted
+    when ``weight`` is given (:func:`class_weights`)."""
     if t.mixup_alpha > 0 or t.cutmix_alpha > 0:
         mixup = Mixup(
             mixup_alpha=t.mixup_alpha, cutmix_alpha=t.cutmix_alpha, label_smoothing=t.label_smoothing, num_classes=num_classes
         )
-        return SoftTargetCrossEntropy(), mixup
+        return (SoftTargetCrossEntropy() if weight is None else WeightedSoftTargetCrossEntropy(weight)), mixup
+    if weight is not None:
+        return torch.nn.CrossEntropyLoss(weight=weight, label_smoothing=t.label_smoothing), None
     if t.label_smoothing > 0:
         return LabelSmoothingCrossEntropy(smoothing=t.label_smoothing), None
     return torch.nn.CrossEntropyLoss(), None

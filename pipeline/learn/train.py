@@ -55,6 +55,7 @@ from pipeline.learn.recipe import (
     build_optimizer,
     build_scheduler,
     build_train_model,
+    class_weights,
     compile_network,
     loss_and_mixup,
 )
@@ -70,6 +71,7 @@ from pipeline.learn.distributed import (
     DistInfo,
     all_reduce_sum,
     broadcast_flag,
+    broadcast_int,
     broadcast_state,
     destroy_distributed,
     dist_env,
@@ -124,6 +126,7 @@ class _Run:
     train_urls: tuple[str, ...]
     val_urls: tuple[str, ...]
     stratify: tuple[int, ...]
+    class_counts: tuple[int, ...]
     augment: DeviceAugment | None = None
     stream: EpochStream | None = None
     trial: ThreadTrial | None = None
@@ -132,11 +135,17 @@ class _Run:
     epoch: int = 0
     num_updates: int = 0
     best_metric: float = -math.inf
+    planned_epochs: int | None = None
     best_epoch: int = 0
     bad_epochs: int = 0
     stopped_early: bool = False
     wall_time_s: float = 0.0
     history: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def total_epochs(self) -> int:
+        """The epochs this run trains: ``train.epochs``, or fewer planned to fit ``train.time_budget_s``."""
+        return self.planned_epochs or self.cfg.train.epochs
 
     def autocast(self) -> Any:
         if self.autocast_dtype is None:
@@ -163,6 +172,7 @@ class _Run:
             "ema": self.ema.state_dict() if self.ema is not None else None,
             "rng": rng_state(),
             "num_updates": self.num_updates,
+            "planned_epochs": self.planned_epochs,
             "best_metric": self.best_metric,
             "best_epoch": self.best_epoch,
             "bad_epochs": self.bad_epochs,
@@ -178,6 +188,7 @@ class _Run:
             "best_epoch": self.best_epoch,
             "stopped_early": self.stopped_early,
             "wall_time_s": self.wall_time_s,
+            "planned_epochs": self.planned_epochs,
         }
 
 
@@ -207,6 +218,7 @@ def _restore(run: _Run, path: Path) -> None:
         set_rng_state(payload["rng"])
         run.epoch = int(payload["epoch"])
         run.num_updates = int(payload["num_updates"])
+        run.planned_epochs = payload.get("planned_epochs")
         run.best_metric = float(payload["best_metric"])
         run.best_epoch = int(payload["best_epoch"])
         run.bad_epochs = int(payload["bad_epochs"])
@@ -228,7 +240,7 @@ def _open_stream(run: _Run) -> EpochStream:
         epochs=t.epochs - run.epoch,
     )
     transform = train_transform(t, cfg.model.img_size, geometry=run.augment is None)
-    return EpochStream(spec, transform, t.workers, run.device.type == "cuda")
+    return EpochStream(spec, transform, t.workers, run.device.type == "cuda", t.train_cache_mb * 2**20)
 
 
 def _epoch_batches(run: _Run) -> Iterator[Any]:
@@ -286,7 +298,7 @@ def _train_epoch(run: _Run, mixup: Mixup | None, loss_fn: torch.nn.Module, progr
     loss_sum = torch.zeros((), dtype=torch.float64, device=run.device)
     lr_sum, seen = 0.0, 0
     show = progress and run.info.is_main
-    bar = tqdm(total=run.steps, desc=f"epoch {run.epoch + 1}/{t.epochs}", unit="step", disable=not show, dynamic_ncols=True, leave=False)
+    bar = tqdm(total=run.steps, desc=f"epoch {run.epoch + 1}/{run.total_epochs}", unit="step", disable=not show, dynamic_ncols=True, leave=False)
     start = tick = time.perf_counter()
     for step, (images, labels, _, _) in enumerate(loader):
         if run.trial is not None:
@@ -421,7 +433,7 @@ def _setup(cfg: Config, shards_dir: Path, info: DistInfo, device: torch.device) 
         cfg=cfg, info=info, device=device, class_names=class_names, model=model, net=model, optimizer=optimizer,
         scheduler=scheduler, scaler=scaler, ema=ema, autocast_dtype=dtype, steps=steps,
         train_urls=tuple(shard_urls(shards_dir, "train")), val_urls=tuple(shard_urls(shards_dir, "val")),
-        stratify=stratify, augment=DeviceAugment(t) if augment_on_device(t, device) else None,
+        stratify=stratify, class_counts=tuple(int(counts.get(name, 0)) for name in class_names), augment=DeviceAugment(t) if augment_on_device(t, device) else None,
     )
 
 
@@ -462,7 +474,9 @@ def _start(cfg: Config, shards_dir: Path, last: Path, info: DistInfo, device: to
                 log.info("resuming from %s after epoch %d", last, run.epoch)
         elif info.is_main:
             log.warning("%s not found: training from scratch", last)
-    if run.scheduler is not None:
+    if run.planned_epochs is not None:
+        _fit_schedule(run)
+    elif run.scheduler is not None:
         run.scheduler.step(run.epoch)
         run.scheduler.step_update(run.num_updates)
     if info.enabled:
@@ -473,6 +487,38 @@ def _start(cfg: Config, shards_dir: Path, last: Path, info: DistInfo, device: to
     if device.type == "cpu" and not t.threads and not t.deterministic:
         run.trial = ThreadTrial(thread_candidates(t.workers))
     return run
+
+
+def _fit_schedule(run: _Run) -> None:
+    """Rebuild the schedule over ``run.total_epochs`` and bring it to the run's epoch and update count."""
+    if run.scheduler is None:
+        return
+    run.scheduler = build_scheduler(run.optimizer, run.cfg, run.steps, epochs=run.total_epochs)
+    run.scheduler.step(run.epoch)
+    run.scheduler.step_update(run.num_updates)
+
+
+def plan_epochs(budget_s: float, elapsed_s: float, epochs_done: int, last_epoch_s: float, cap: int) -> int:
+    """Epochs that fit ``budget_s`` when the next ones take as long as the last: at least the ones done (and one),
+    at most ``cap``. The last epoch, not the mean, because the first pays the warm-up."""
+    more = int((budget_s - elapsed_s) // last_epoch_s) if last_epoch_s > 0 else cap
+    return max(1, epochs_done, min(cap, epochs_done + max(more, 0)))
+
+
+def _replan(run: _Run, epoch_s: float) -> None:
+    """Under ``train.time_budget_s``: plan the epoch count after the first two epochs (all ranks agree: rank 0's
+    plan is broadcast) and fit the learning-rate schedule to it; later epochs only stop early if one overran."""
+    t = run.cfg.train
+    if t.time_budget_s is None:
+        return
+    if run.epoch <= 2 or run.wall_time_s + epoch_s > t.time_budget_s:
+        planned = plan_epochs(t.time_budget_s, run.wall_time_s, run.epoch, epoch_s, t.epochs)
+        planned = int(broadcast_int(planned, run.device))
+        if planned != run.planned_epochs:
+            run.planned_epochs = planned
+            _fit_schedule(run)
+            if run.info.is_main:
+                log.info("time budget %.0f s: %d epoch(s) planned (last epoch %.1f s)", t.time_budget_s, planned, epoch_s)
 
 
 def _record_epoch(run: _Run, stats: dict[str, float], val: dict[str, float]) -> tuple[dict[str, Any], bool]:
@@ -564,7 +610,7 @@ def _write_epoch(
     t = run.cfg.train
     writer.submit(_epoch_files(run, out_dir, row, improved, params))
     line = (
-        f"epoch {run.epoch}/{t.epochs}: train_loss {row['train_loss']:.4f} val_loss {row['val_loss']:.4f} "
+        f"epoch {run.epoch}/{run.total_epochs}: train_loss {row['train_loss']:.4f} val_loss {row['val_loss']:.4f} "
         f"top1 {row['val_top1']:.4f} macro_f1 {row['val_macro_f1']:.4f} lr {row['lr']:.2e} "
         f"{row['images_per_s']:.1f} img/s{' (best)' if improved else ''}"
     )
@@ -583,7 +629,8 @@ def _train(
     _configure_determinism(t.deterministic, device)
     run = _start(cfg, shards_dir, out_dir / LAST, info, device, resume)
     params = sum(p.numel() for p in run.model.parameters())
-    loss_fn, mixup = loss_and_mixup(t, len(run.class_names))
+    weight = class_weights(t, run.class_counts)
+    loss_fn, mixup = loss_and_mixup(t, len(run.class_names), None if weight is None else weight.to(device))
     if info.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         log.info(
@@ -592,11 +639,13 @@ def _train(
         )
     writer = _Writer()
     try:
-        while run.epoch < t.epochs and not run.stopped_early:
+        while run.epoch < run.total_epochs and not run.stopped_early:
             epoch_start = time.perf_counter()
             stats = _train_epoch(run, mixup, loss_fn, progress)
             row, improved = _record_epoch(run, stats, validation_pass(run))
-            run.wall_time_s += time.perf_counter() - epoch_start  # train + validation; checkpoint writes excluded
+            epoch_s = time.perf_counter() - epoch_start
+            run.wall_time_s += epoch_s  # train + validation; checkpoint writes excluded
+            _replan(run, epoch_s)
             if info.is_main:
                 _write_epoch(run, writer, out_dir, row, improved, params, progress)
     finally:

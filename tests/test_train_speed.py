@@ -106,6 +106,51 @@ def test_epoch_stream_gives_each_epoch_the_batches_of_a_fresh_loader(shards: Pat
         assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(continued[i], fresh)), epoch
 
 
+def _epochs(spec: StreamSpec, transform: TrainTransform, workers: int, cache_bytes: int) -> list[list[tuple[torch.Tensor, ...]]]:
+    stream = EpochStream(spec, transform, workers, False, cache_bytes)
+    try:
+        return [[(x, y) for x, y, _, _ in stream.next_epoch()] for _ in range(spec.epochs)]
+    finally:
+        stream.close()
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("rotation, crop", [("d4", False), ("rot90", False), ("rot90", True), ("any", False)])
+@pytest.mark.parametrize("cache_images", [1000, 20])  # all of the split, or a budget that fills after 20 images
+def test_training_set_cache_gives_the_batches_of_decoding(
+    shards: Path, workers: int, rotation: str, crop: bool, cache_images: int
+) -> None:
+    # 32 px shards trained at 24 px: the cache keeps the resized image where that is exact (no crop, exact rotations)
+    t = _cfg(f"train.rotation={rotation}", f"train.random_resized_crop={crop}", "train.hflip=true").train
+    spec = StreamSpec(urls=tuple(shard_urls(shards, "train")), batch_size=8, steps=6, shuffle_buffer=16, stratify=(0, 1, 2, 3), epochs=3)
+    decoded = _epochs(spec, TrainTransform(t, 24), workers, 0)
+    cached = _epochs(spec, TrainTransform(t, 24), workers, cache_images * 32 * 32 * 3)
+    for epoch, (a, b) in enumerate(zip(decoded, cached)):
+        assert len(a) == len(b) == 6
+        assert all(torch.equal(x[0], y[0]) and torch.equal(x[1], y[1]) for x, y in zip(a, b)), epoch
+
+
+def test_training_set_cache_decodes_each_image_once(shards: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[int] = []
+    real = reader.decode_image
+    monkeypatch.setattr(reader, "decode_image", lambda sample: (calls.append(1), real(sample))[1])
+    t = _cfg("train.rotation=d4").train
+    # 17 steps of 8 cover most of the 140 training images: each is decoded when first batched, never again
+    spec = StreamSpec(urls=tuple(shard_urls(shards, "train")), batch_size=8, steps=17, shuffle_buffer=16, epochs=3)
+    stream = EpochStream(spec, TrainTransform(t, 24), 0, False, 2**30)
+    per_epoch = []
+    try:
+        for _ in range(3):
+            before = len(calls)
+            list(stream.next_epoch())
+            per_epoch.append(len(calls) - before)
+    finally:
+        stream.close()
+    assert per_epoch[0] >= 128 and sum(per_epoch) == 140 and per_epoch[-1] == 0, per_epoch
+    assert TrainTransform(t, 24).cache_form(np.zeros((32, 32, 3), np.uint8)).shape == (24, 24, 3)
+    assert TrainTransform(_cfg("train.random_resized_crop=true").train, 24).cache_form(np.zeros((32, 32, 3), np.uint8)).shape == (32, 32, 3)
+
+
 def _count_loaders(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
     """Record every loader the trainer makes (True: a training stream) by wrapping the reader's make_loader."""
     made: list[bool] = []

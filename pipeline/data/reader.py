@@ -259,12 +259,21 @@ def _collate(images: list[np.ndarray | torch.Tensor], records: list[Record]) -> 
 
 
 class ShardStream(IterableDataset):
-    """One rank's batches for one epoch (or one pass); each DataLoader worker is one reader slot."""
+    """One rank's batches for one epoch (or one pass); each DataLoader worker is one reader slot.
 
-    def __init__(self, spec: StreamSpec, transform: Callable[[np.ndarray], Any]) -> None:
+    Training-set cache (``cache_bytes`` > 0, per worker): a sample's record is decoded on its first read and kept,
+    its image in the transform's ``cache_form`` when it has one (resized when that is exact), until the budget is
+    spent; later reads take it from memory. The stream still walks the shards for the order and the labels, and the
+    transform's draws are the same either way, so the batches are identical with or without the cache.
+    """
+
+    def __init__(self, spec: StreamSpec, transform: Callable[[np.ndarray], Any], cache_bytes: int = 0) -> None:
         super().__init__()
         self.spec = spec
         self.transform = transform
+        self.cache_bytes = cache_bytes
+        self.cache: dict[tuple[str, str], Record] = {}
+        self.cached_bytes = 0
 
     def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()
@@ -295,15 +304,34 @@ class ShardStream(IterableDataset):
         else:
             batches = plain_batches(samples, spec.batch_size)
         for batch in batches:
-            records = [record_of(sample) for sample, _ in batch]
+            records = [self._record(sample) if spec.train else record_of(sample) for sample, _ in batch]
             yield _collate([self.transform(r.image) for r in records], records)
 
+    def _record(self, sample: dict[str, Any]) -> Record:
+        """A training sample's record, from the cache when an earlier epoch decoded it (see the class docstring)."""
+        if not self.cache_bytes:
+            return record_of(sample)
+        key = (str(sample.get("__url__")), str(sample.get("__key__")))
+        record = self.cache.get(key)
+        if record is None:
+            record = record_of(sample)
+            form = getattr(self.transform, "cache_form", None)
+            if form is not None:
+                record.image = form(record.image)
+            if self.cached_bytes + record.image.nbytes <= self.cache_bytes:
+                self.cache[key] = record
+                self.cached_bytes += record.image.nbytes
+        return record
 
-def make_loader(spec: StreamSpec, transform: Callable[[np.ndarray], Any], workers: int, pin_memory: bool) -> DataLoader:
-    """A loader of :class:`Batch` es for the spec's epochs or pass: workers are forked with its spec and seeded from it."""
+
+def make_loader(
+    spec: StreamSpec, transform: Callable[[np.ndarray], Any], workers: int, pin_memory: bool, cache_bytes: int = 0
+) -> DataLoader:
+    """A loader of :class:`Batch` es for the spec's epochs or pass: workers are forked with its spec and seeded from it;
+    ``cache_bytes`` is the training-set cache of the whole loader, shared out equally between its workers."""
     generator = torch.Generator().manual_seed(seed_int(spec.seed, spec.epoch, _LOADER))
     return DataLoader(
-        ShardStream(spec, transform),
+        ShardStream(spec, transform, cache_bytes // max(1, workers)),
         batch_size=None,
         num_workers=workers,
         pin_memory=pin_memory,
@@ -316,13 +344,15 @@ def make_loader(spec: StreamSpec, transform: Callable[[np.ndarray], Any], worker
 class EpochStream:
     """A run's training batches, epoch after epoch, from one loader (see "Consecutive epochs" above)."""
 
-    def __init__(self, spec: StreamSpec, transform: Callable[[np.ndarray], Any], workers: int, pin_memory: bool) -> None:
+    def __init__(
+        self, spec: StreamSpec, transform: Callable[[np.ndarray], Any], workers: int, pin_memory: bool, cache_bytes: int = 0
+    ) -> None:
         if spec.steps is None:
             raise ValueError("EpochStream needs a training spec (steps set)")
         self.steps = spec.steps
         slots = max(1, workers)
         self.surplus = -(-spec.steps // slots) * slots - spec.steps if spec.epochs > 1 else 0
-        self.loader = make_loader(spec, transform, workers, pin_memory)
+        self.loader = make_loader(spec, transform, workers, pin_memory, cache_bytes)
         self._batches: Iterator[Batch] | None = None
 
     def next_epoch(self) -> Iterator[Batch]:

@@ -91,6 +91,14 @@ class TrainTransform:
             }
             self.randaugment = rand_augment_transform(train.randaugment, hparams)
 
+    def cache_form(self, image: np.ndarray) -> np.ndarray:
+        """What a training-set cache keeps of a decoded image: resized to ``img_size`` when nothing before the resize
+        needs the full resolution (exact rotations and flips commute with the area resize of a square image, so
+        :meth:`__call__` gives the same pixels for either form), else the image as decoded."""
+        if self.crop or self.rotation == "any" or image.shape[0] != image.shape[1]:
+            return image
+        return resize_image(image, self.img_size)
+
     def __call__(self, image: np.ndarray) -> np.ndarray:
         if self.rotation == "rot90":
             image = d4_transform(image, random.randrange(4), False)

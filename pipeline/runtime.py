@@ -88,17 +88,26 @@ class ThreadTrial:
     alike; then :func:`pick_threads` decides, early when one candidate is ``clear_factor`` times slower than
     another (a trial step of a bad setting is expensive). Afterwards, when the median of the last ``window``
     steps is ``clear_factor`` times the chosen setting's trial median (other processes took cores), the
-    candidates are tried again.
+    candidates are tried again; and every ``retry_every`` steps while fewer threads than the most are chosen, since
+    load that made every core slow during the trial may have gone (a slower setting does not show it by itself).
     """
 
     def __init__(
-        self, candidates: tuple[int, ...], rounds: int = 3, warmup: int = 1, window: int = 8, clear_factor: float = 2.0
+        self,
+        candidates: tuple[int, ...],
+        rounds: int = 3,
+        warmup: int = 1,
+        window: int = 8,
+        clear_factor: float = 2.0,
+        retry_every: int = 200,
     ) -> None:
         self.schedule = [candidates[-1]] * warmup + [n for _ in range(rounds) for n in candidates]
         self.warmup = warmup
         self.times: dict[int, list[float]] = {n: [] for n in candidates}
         self.recent: deque[float] = deque(maxlen=window)
         self.clear_factor = clear_factor
+        self.retry_every = retry_every
+        self.since_choice = 0
         self.step = 0
         self.chosen: int | None = candidates[0] if len(candidates) == 1 else None
         if self.chosen is not None:
@@ -120,6 +129,7 @@ class ThreadTrial:
         if self.step < len(self.schedule) and not self._clear():
             return None
         self.chosen = pick_threads(self.times)
+        self.since_choice = 0
         torch.set_num_threads(self.chosen)
         return self.chosen
 
@@ -131,12 +141,15 @@ class ThreadTrial:
         return max(medians) > self.clear_factor * min(medians)
 
     def _watch(self, seconds: float) -> None:
-        """Start a new trial (without warm-up) when recent steps got much slower than the chosen setting measured."""
+        """Start a new trial (without warm-up) when recent steps got much slower than the chosen setting measured, or
+        periodically while a setting with fewer threads than the most is chosen."""
         if len(self.times) < 2:
             return
         self.recent.append(seconds)
+        self.since_choice += 1
         baseline = statistics.median(self.times[self.chosen])
-        if len(self.recent) == self.recent.maxlen and statistics.median(self.recent) > self.clear_factor * baseline:
+        slower = len(self.recent) == self.recent.maxlen and statistics.median(self.recent) > self.clear_factor * baseline
+        if slower or (self.chosen != max(self.times) and self.since_choice >= self.retry_every):
             self.times = {n: [] for n in self.times}
             self.recent.clear()
             self.step, self.chosen = self.warmup, None

@@ -87,6 +87,29 @@ def test_thread_trial_interleaves_candidates_then_keeps_the_faster() -> None:
         torch.set_num_threads(before)
 
 
+def test_thread_trial_tries_every_core_again_after_load_has_gone() -> None:
+    before = torch.get_num_threads()
+    try:
+        trial = ThreadTrial((2, 1), rounds=3, warmup=1, retry_every=20)
+        step_time = {2: 6.5, 1: 1.6}  # another job during the trial: every core was slow, one thread chosen
+        chosen = None
+        while chosen is None:
+            trial.before_step()
+            chosen = trial.after_step(step_time[torch.get_num_threads()])
+        assert chosen == 1
+        # the job ends: one thread runs as before, so nothing looks slower, but the periodic trial finds every core faster
+        step_time = {2: 1.0, 1: 1.6}
+        decided = []
+        for _ in range(30):
+            trial.before_step()
+            decided.append(trial.after_step(step_time[torch.get_num_threads()]))
+        assert 2 in decided and trial.chosen == 2
+        # with every core chosen there is nothing to retry on a timer
+        assert all(trial.after_step(1.0) is None for _ in range(50)) and trial.chosen == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 # ---------------------------------------------------------------- one stream for every epoch
 
 

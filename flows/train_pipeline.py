@@ -33,6 +33,7 @@ from pipeline.config import (
     ValidateConfig,
 )
 from pipeline.errors import ValidationFailed
+from pipeline.score.card import CARD_MD
 from pipeline.score.evaluate import CONFUSION_PNG
 from pipeline.layout import Layout
 from pipeline.orchestrate.graph import stored_stages
@@ -121,6 +122,10 @@ def publish_task(results: dict[str, dict[str, Any]], registered: dict[str, Any])
         keys.append("retrain-confusion-matrix")
     create_markdown_artifact(key="retrain-report", markdown=report, description=f"Evaluation report of model {mid}")
     keys.append("retrain-report")
+    card = eval_dir / CARD_MD
+    if card.is_file():
+        create_markdown_artifact(key="model-card", markdown=card.read_text(), description=f"Model card of model {mid}")
+        keys.append("model-card")
     history = Path(results["train"]["path"]) / HISTORY
     if history.is_file():
         create_image_artifact(

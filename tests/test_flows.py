@@ -193,7 +193,7 @@ def test_first_run_builds_every_stage_and_promotes(train_runs: TrainRuns, workdi
     assert "git_commit" in lineage["code"] and lineage["config"]["train"]["epochs"] == 1
 
     arts = _artifacts(_flow_run_id(state))
-    assert {"retrain-metrics", "retrain-per-class", "retrain-report", "retrain-confusion-matrix", "model-registry"} <= set(arts)
+    assert {"retrain-metrics", "retrain-per-class", "retrain-report", "retrain-confusion-matrix", "model-registry", "model-card"} <= set(arts)
     table = {row["metric"]: row["value"] for row in json.loads(arts["retrain-metrics"]["data"])}
     assert table["top1"] == significant(metrics["top1"]) and table["macro_f1"] == significant(metrics["macro_f1"])
     per_class = json.loads(arts["retrain-per-class"]["data"])

@@ -208,7 +208,7 @@ def test_retrain_from_the_ui_form_promotes_and_publishes(stack: Stack, retrained
     assert [(h["candidate_id"], h["promote"]) for h in history] == [(prod.name, True)]
 
     arts = stack.artifacts(run["id"])
-    assert {"retrain-metrics", "retrain-per-class", "retrain-report", "retrain-confusion-matrix", "model-registry"} <= set(arts)
+    assert {"retrain-metrics", "retrain-per-class", "retrain-report", "retrain-confusion-matrix", "model-registry", "model-card"} <= set(arts)
     table = {row["metric"]: row["value"] for row in json.loads(arts["retrain-metrics"]["data"])}
     assert table["top1"] == significant(metrics["top1"])  # artifacts round to 4 significant digits
     assert arts["retrain-confusion-matrix"]["data"].startswith("data:image/png;base64,")

@@ -52,14 +52,17 @@ def test_time_budget_plans_fewer_epochs_and_fits_the_schedule(shards: Path, tmp_
     probe = T.train(load_config(None, BASE + ["train.epochs=2"]), shards, tmp_path / "probe", progress=False)
     epoch_s = probe["wall_time_s"] / 2
     budget = 4.5 * epoch_s
-    cfg = load_config(None, BASE + ["train.epochs=200", f"train.time_budget_s={budget}", "train.min_lr=1e-6"])
+    cfg = load_config(
+        None, BASE + ["train.epochs=200", f"train.time_budget_s={budget}", "train.lr=0.003", "train.warmup_epochs=0", "train.min_lr=1e-6"]
+    )
     summary = T.train(cfg, shards, tmp_path / "run", progress=False)
 
     assert 2 <= summary["epochs_run"] <= 9 and summary["epochs_run"] == summary["planned_epochs"], summary
     assert summary["wall_time_s"] <= budget * 1.5, summary
     history = json.loads((tmp_path / "run" / "metrics.json").read_text())["final"]
-    # the cosine schedule was fitted to the planned epochs, not to the cap of 200: the last epoch's lr is near min_lr
-    assert history["lr"] < 0.5 * cfg.train.lr, history
+    # the cosine schedule was fitted to the planned epochs, not to the cap of 200 (which would keep the last epoch's lr
+    # above 0.99 of the peak): over N >= 2 planned epochs the last one runs at most at half the peak
+    assert history["lr"] < 0.6 * cfg.train.lr, history
     last = load_checkpoint(tmp_path / "run" / "last.pt")
     assert last["planned_epochs"] == summary["planned_epochs"]
 

@@ -30,7 +30,7 @@ PAPER_PARAMS_M = {
     'astroformer_4': 241.09,
     'astroformer_5': 593.56,
 }
-SMALL = ('astroformer_pico', 'astroformer_nano')
+SMALL = ('astroformer_pico', 'astroformer_nano', 'astroformer_micro')
 
 
 def _check_stack(model: torch.nn.Module, depths: tuple, img_size: int) -> None:

@@ -103,9 +103,8 @@ def test_tiny_compare_writes_the_tables(compared: tuple[Path, str, bytes]) -> No
     paired = _rows(results / "paired.csv")
     assert {(r["candidate"], r["baseline"]) for r in paired} == {("pico_tta", "pico")}
     assert json.loads((results / "compare.json").read_text())["baseline"] == "pico"
-    # the command that made the table (another test of this module may have re-made it with more arguments)
-    text = (results / "table.md").read_text()
-    assert "Reproduce: `astroflow compare " in text and f"--workdir {work}`" in text
+    # the printed table records the command that made it (the file may since have been re-made by another test)
+    assert f"Reproduce: `astroflow compare --workdir {work}`" in out
     assert "| pico | astroformer_pico |" in out
 
 

@@ -330,3 +330,16 @@ def chunk_1_fails(monkeypatch: pytest.MonkeyPatch) -> None:
         return real(*args, chunks=chunks, **kw)
 
     monkeypatch.setattr(predict_mod, "predict", failing)
+
+
+def evaluated_workspace(wd: Path, red_shards: Path, init: Any) -> Path:
+    """A workdir as `dvc repro` leaves it (shards, best.pt, calibration.json, data/eval) for a gap model set up by ``init``."""
+    from pipeline.score.calibrate import calibrate
+    from pipeline.score.evaluate import evaluate
+
+    shutil.copytree(red_shards, wd / "data" / "shards")
+    ckpt = make_checkpoint(wd / "data" / "train" / "best.pt", GAP_MODEL, img_size=SHARD_SIZE, init=init)
+    cal = wd / "data" / "calibration" / "calibration.json"
+    calibrate(eval_cfg(), wd / "data" / "shards", ckpt, cal, progress=False)
+    evaluate(eval_cfg(), wd / "data" / "shards", ckpt, wd / "data" / "eval", calibration=cal, progress=False)
+    return wd

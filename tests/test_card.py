@@ -10,14 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import EVAL_OVERRIDES, GAP_MODEL, REPO_ROOT, SHARD_SIZE, eval_cfg, make_checkpoint, nearest_red_mean, register_gap_model
+from conftest import EVAL_OVERRIDES, evaluated_workspace, REPO_ROOT, SHARD_SIZE, eval_cfg, make_checkpoint, nearest_red_mean, register_gap_model
 
 from pipeline.cli import main
 from pipeline.data.shards import load_manifest
 from pipeline.io import read_json
 from pipeline.score import card as C
 from pipeline.score import registry as reg
-from pipeline.score.calibrate import calibrate
 from pipeline.score.evaluate import evaluate
 
 register_gap_model()
@@ -37,13 +36,7 @@ def _blind_to_class_0(model: torch.nn.Module) -> None:
 @pytest.fixture(scope="module")
 def workspace(red_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A workdir as `dvc repro` leaves it (shards, best.pt, calibration.json, data/eval), the model blind to class 0."""
-    wd = tmp_path_factory.mktemp("card") / "wd"
-    shutil.copytree(red_shards, wd / "data" / "shards")
-    ckpt = make_checkpoint(wd / "data" / "train" / "best.pt", GAP_MODEL, img_size=SHARD_SIZE, init=_blind_to_class_0)
-    cal = wd / "data" / "calibration" / "calibration.json"
-    calibrate(eval_cfg(), wd / "data" / "shards", ckpt, cal, progress=False)
-    evaluate(eval_cfg(), wd / "data" / "shards", ckpt, wd / "data" / "eval", calibration=cal, progress=False)
-    return wd
+    return evaluated_workspace(tmp_path_factory.mktemp("card") / "wd", red_shards, _blind_to_class_0)
 
 
 def test_card_matches_metrics_and_its_intervals_bracket_them(workspace: Path) -> None:

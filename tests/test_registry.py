@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import csv
 import json
-import shutil
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -17,12 +16,11 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import EVAL_OVERRIDES, GAP_MODEL, SHARD_SIZE, eval_cfg, make_checkpoint, nearest_red_mean, register_gap_model, write_red_shards
+from conftest import EVAL_OVERRIDES, evaluated_workspace, GAP_MODEL, SHARD_SIZE, eval_cfg, make_checkpoint, nearest_red_mean, register_gap_model, write_red_shards
 from sklearn import metrics as skm
 
 from pipeline.score import promotion
 from pipeline.score import registry as reg
-from pipeline.score.calibrate import calibrate
 from pipeline.learn.checkpoint import model_id
 from pipeline.cli import main
 from pipeline.score.evaluate import evaluate
@@ -320,13 +318,7 @@ def test_concurrent_promotions_keep_the_best(red_shards: Path, tmp_path: Path) -
 @pytest.fixture
 def workspace(red_shards: Path, tmp_path: Path) -> Path:
     """A workdir as `dvc repro` leaves it: shards, best.pt, calibration.json and the evaluation."""
-    wd = tmp_path / "wd"
-    shutil.copytree(red_shards, wd / "data" / "shards")
-    ckpt = make_checkpoint(wd / "data" / "train" / "best.pt", GAP_MODEL, img_size=SHARD_SIZE, init=_good)
-    cal = wd / "data" / "calibration" / "calibration.json"
-    calibrate(eval_cfg(), wd / "data" / "shards", ckpt, cal, progress=False)
-    evaluate(eval_cfg(), wd / "data" / "shards", ckpt, wd / "data" / "eval", calibration=cal, progress=False)
-    return wd
+    return evaluated_workspace(tmp_path / "wd", red_shards, _good)
 
 
 def _cli(wd: Path, *args: str) -> int:
